@@ -1,0 +1,106 @@
+"""Load targets, drafts and tokenizers by one name: ``zoo:NAME``, a local path, or a Hub id.
+
+>>> model, tok = load_model("zoo:target"), load_tokenizer("zoo:target")   # doctest: +SKIP
+
+The zoo ships its models inside the package (``osd/zoo/artifacts/``) in plain Hugging Face
+format, so ``AutoModelForCausalLM.from_pretrained(zoo_path("target"))`` works too.
+Weights are stored in fp16 and loaded as fp32 on the CPU (fp16 matmuls are slow there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+ZOO_DIR = Path(__file__).parent / "zoo" / "artifacts"
+ZOO_DIR_ENV = "OSD_ZOO_DIR"
+ZOO_PREFIX = "zoo:"
+
+
+def zoo_dir() -> Path:
+    """The folder holding the zoo (``$OSD_ZOO_DIR`` overrides the shipped one)."""
+    return Path(os.environ.get(ZOO_DIR_ENV, ZOO_DIR))
+
+
+def zoo_names() -> list[str]:
+    d = zoo_dir()
+    return (
+        sorted(p.name for p in d.iterdir() if (p / "config.json").is_file()) if d.is_dir() else []
+    )
+
+
+def resolve(name: str) -> str:
+    """Map a model name to what ``from_pretrained`` takes; raise a clear error if impossible.
+
+    ``zoo:target`` → the shipped folder; an existing local path → itself; anything else
+    is treated as a Hub id and checked only when loaded.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("model name is empty; use zoo:target, zoo:draft, a local path or a Hub id")
+    if name.startswith(ZOO_PREFIX):
+        short = name[len(ZOO_PREFIX) :]
+        path = zoo_dir() / short
+        if not (path / "config.json").is_file():
+            have = ", ".join(ZOO_PREFIX + n for n in zoo_names()) or "none (run `osd zoo build`)"
+            raise ValueError(f"unknown zoo model {name!r}; the zoo at {zoo_dir()} has: {have}")
+        return str(path)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ValueError(
+                f"{p} exists but holds no config.json; is it a Hugging Face model folder?"
+            )
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"model path {name!r} does not exist")
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"could not load {name!r}: not a zoo name (zoo:…), not a local folder, and the Hugging "
+        f"Face Hub could not provide it ({type(err).__name__}: {err}). Without a network, use "
+        "a zoo model or a local path."
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A causal LM in eval mode: fp32 on CPU, bf16 on CUDA unless ``dtype`` says otherwise."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    log.debug("loaded %s (%s) on %s", name, path, device)
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str):
+    """The tokenizer shipped with a model (zoo models share one)."""
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,40 @@
+"""Shared fixtures. No test reaches the network: the Hub is put in offline mode first."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from osd.workloads.datasets import data_root
+
+    try:
+        return data_root()
+    except FileNotFoundError as err:
+        pytest.skip(f"shared data sets absent: {err}")
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory, data_dir):
+    """A zoo built end to end with the `micro` preset (same code path as `osd zoo build`)."""
+    from osd.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("micro-zoo")
+    build_zoo(out, "micro", data_dir=data_dir)
+    return out
