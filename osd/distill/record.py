@@ -1,0 +1,555 @@
+"""What a serving replica logs per finished request, and its schema'd binary encoding.
+
+Terms:
+
+- **token ids** ``[T]``: the prompt followed by the emitted output, ``T`` tokens.
+- **logged position** ``t`` (``prompt_len <= t < T``): the target distribution over
+  ``token_ids[t]`` given ``token_ids[:t]``. It comes from the verifier's logits at index
+  ``t - 1`` (the position that *predicts* token ``t``), so no second target pass is needed.
+- **top-k**: at each logged position, the ``k`` most likely token ids and their target
+  log-probs at temperature 1, sorted descending (``k`` = 16 by default).
+- **tail log-mass**: ``log(1 - Σ exp(topk_logprobs))``, the log of the probability mass
+  outside the top-k, clamped at :data:`LOG_FLOOR` when it is ~0 (``k`` = vocabulary).
+
+Worked example (``V = 5``, ``k = 2``), one request with prompt ``[2, 3]`` and output
+``[4, 1]``, logging every output position::
+
+    token_ids = [2, 3, 4, 1]       prompt_len = 2       positions = [2, 3]
+    target at t=2 (logits at index 1): probs [0.05, 0.10, 0.15, 0.20, 0.50]
+        topk_ids [4, 3]   topk_logprobs [log .50, log .20] = [-0.693, -1.609]
+        tail_logmass = log(1 - 0.70) = log 0.30 = -1.204
+
+The wire format is msgpack (never pickle: the buffer is a network service and its
+contents are untrusted input) with a format version ``"v": 1``. Arrays are maps
+``{"dtype": str, "shape": [...], "data": bytes}``, little-endian, from an allow-list of
+dtypes. Integer arrays (token ids, positions, top-k ids) travel as ``uint16`` when every
+value fits (vocabularies up to 65,536 tokens) and as ``int32`` otherwise; in memory they are
+always ``int32``. :func:`decode` validates everything and raises :class:`RecordError`.
+
+Size (k = 16, no hidden states): 16 ids × 2 B + 16 log-probs × 2 B + 4 B tail + 2 B
+position ≈ 70 B per logged position, against 2·V B for a full fp16 row (8,192 B at
+V = 4,096: < 1 %).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, NoReturn
+
+import msgpack
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_K",
+    "FORMAT_VERSION",
+    "LOG_FLOOR",
+    "MAX_ARRAY_BYTES",
+    "DistillRecord",
+    "LogConfig",
+    "LogMode",
+    "RecordError",
+    "build_record",
+    "bytes_per_position",
+    "decode",
+    "dense_target",
+    "encode",
+    "full_vocab_bytes_per_position",
+    "should_log",
+    "validate",
+]
+
+FORMAT_VERSION = 1
+DEFAULT_K = 16
+LOG_FLOOR = -30.0  # log-probs and the tail log-mass are clamped here (e^-30 ≈ 1e-13)
+MAX_ARRAY_BYTES = 64 * 2**20  # all arrays of one record together
+MAX_RECORD_BYTES = MAX_ARRAY_BYTES + 2**20  # arrays plus the scalar fields and framing
+MAX_STR_LEN = 1024  # request id, drafter id, domain, meta keys and values
+MAX_META_ITEMS = 32
+MASS_TOL = 1e-2  # |Σ exp(topk) + exp(tail) − 1|: fp16 rounding of log-probs stays far inside
+
+# Wire dtypes (all little-endian). bfloat16 is not a numpy dtype and is not accepted.
+_WIRE_DTYPES: dict[str, np.dtype] = {
+    "uint16": np.dtype("<u2"),
+    "int32": np.dtype("<i4"),
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+}
+_INT_WIRE = ("uint16", "int32")
+
+
+@dataclass(frozen=True)
+class _ArraySpec:
+    wire: tuple[str, ...]  # accepted wire dtypes
+    dtype: np.dtype  # in-memory dtype
+    ndim: int
+
+
+_ARRAYS: dict[str, _ArraySpec] = {
+    "token_ids": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 1),
+    "positions": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 1),
+    "topk_ids": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 2),
+    "topk_logprobs": _ArraySpec(("float16",), np.dtype(np.float16), 2),
+    "tail_logmass": _ArraySpec(("float32",), np.dtype(np.float32), 1),
+    "hidden": _ArraySpec(("float16",), np.dtype(np.float16), 2),
+}
+_SCALARS = ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta")
+_KEYS = frozenset(("v", *_SCALARS, *_ARRAYS))
+
+
+class RecordError(ValueError):
+    """A distillation record is malformed (bad bytes, wrong types, inconsistent shapes)."""
+
+
+class LogMode(str, Enum):
+    """Which positions of a request a replica logs."""
+
+    REJECTED = "rejected"  # OSD: where the draft was wrong, plus the bonus position
+    ALL = "all"  # every output position
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How a replica logs: mode, top-k size, sampling rate, and whether to keep hidden states.
+
+    >>> LogConfig(mode="all", rate=0.25).mode
+    <LogMode.ALL: 'all'>
+    """
+
+    mode: LogMode = LogMode.REJECTED
+    k: int = DEFAULT_K
+    rate: float = 1.0  # fraction of requests logged, chosen by :func:`should_log`
+    seed: int = 0
+    hidden: bool = False  # also log the target's last hidden state (head drafters)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", LogMode(self.mode))
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if not (isinstance(self.rate, int | float) and 0.0 <= self.rate <= 1.0):
+            raise ValueError(f"rate must be a number in [0, 1], got {self.rate!r}")
+
+
+@dataclass(eq=False, kw_only=True)
+class DistillRecord:
+    """One finished request: its tokens and the sparse target at the logged positions.
+
+    Shapes: ``T`` tokens, ``m`` logged positions, ``k`` top-k entries, ``H`` hidden size.
+    """
+
+    request_id: str
+    domain: str | None = None
+    drafter_id: str
+    version: int  # drafter weight version that served the request
+    token_ids: np.ndarray  # [T] int32, prompt + output
+    prompt_len: int
+    positions: np.ndarray  # [m] int32, strictly increasing, prompt_len <= t < T
+    topk_ids: np.ndarray  # [m, k] int32
+    topk_logprobs: np.ndarray  # [m, k] float16, sorted descending, <= 0
+    tail_logmass: np.ndarray  # [m] float32, log(1 - Σ exp(topk_logprobs)), >= LOG_FLOOR
+    hidden: np.ndarray | None = None  # [m, H] float16, target last hidden state at t - 1
+    created: float = field(default_factory=time.time)  # unix time
+    meta: dict[str, str | int | float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    @property
+    def hidden_size(self) -> int | None:
+        return None if self.hidden is None else int(self.hidden.shape[1])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fail(msg: str) -> NoReturn:
+    raise RecordError(msg)
+
+
+def _check_str(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        _fail(f"{name} must be a non-empty string, got {type(value).__name__} {value!r:.80}")
+    if len(value) > MAX_STR_LEN:
+        _fail(f"{name} has {len(value)} characters; the limit is {MAX_STR_LEN}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        _fail(f"{name} = {value} is outside [{lo}, {hi}]")
+
+
+def _check_meta(meta: Any) -> None:
+    if not isinstance(meta, dict):
+        _fail(f"meta must be a dict, got {type(meta).__name__}")
+    if len(meta) > MAX_META_ITEMS:
+        _fail(f"meta has {len(meta)} items; the limit is {MAX_META_ITEMS}")
+    for key, value in meta.items():
+        _check_str("meta key", key)
+        if isinstance(value, str):
+            _check_str(f"meta[{key!r}]", value)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(f"meta[{key!r}] must be str, int or float, got {type(value).__name__}")
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            _fail(f"meta[{key!r}] = {value} does not fit in 64 bits")
+
+
+def _check_array(name: str, arr: Any) -> None:
+    spec = _ARRAYS[name]
+    if not isinstance(arr, np.ndarray):
+        _fail(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != spec.dtype:
+        _fail(f"{name} must have dtype {spec.dtype}, got {arr.dtype}")
+    if arr.ndim != spec.ndim:
+        _fail(f"{name} must have {spec.ndim} dimension(s), got shape {list(arr.shape)}")
+
+
+def validate(record: DistillRecord, vocab_size: int | None = None) -> None:
+    """Check every field and the consistency between them; raise :class:`RecordError`.
+
+    ``vocab_size``, when given, bounds the token ids and the top-k ids.
+    """
+    if not isinstance(record, DistillRecord):
+        _fail(f"expected a DistillRecord, got {type(record).__name__}")
+    _check_str("request_id", record.request_id)
+    _check_str("domain", record.domain, optional=True)
+    _check_str("drafter_id", record.drafter_id)
+    _check_int("version", record.version, 0, 2**63 - 1)
+    if isinstance(record.created, bool) or not isinstance(record.created, int | float):
+        _fail(f"created must be a unix time (float), got {type(record.created).__name__}")
+    if not math.isfinite(record.created) or record.created < 0:
+        _fail(f"created must be a finite unix time >= 0, got {record.created!r}")
+    _check_meta(record.meta)
+    for name in _ARRAYS:
+        arr = getattr(record, name)
+        if arr is not None or name != "hidden":
+            _check_array(name, arr)
+    total = sum(a.nbytes for a in (getattr(record, n) for n in _ARRAYS) if a is not None)
+    if total > MAX_ARRAY_BYTES:
+        _fail(f"arrays take {total} bytes; the limit is {MAX_ARRAY_BYTES}")
+    if vocab_size is not None:
+        _check_int("vocab_size", vocab_size, 1, 2**31 - 1)
+
+    # tokens [T]
+    tokens = record.token_ids
+    n_tok = tokens.shape[0]
+    if n_tok == 0:
+        _fail("token_ids is empty")
+    if tokens.min() < 0 or (vocab_size is not None and tokens.max() >= vocab_size):
+        _fail(
+            f"token_ids must lie in [0, {vocab_size or '2^31'}), got [{tokens.min()}, {tokens.max()}]"
+        )
+    _check_int("prompt_len", record.prompt_len, 1, n_tok)
+
+    # positions [m]
+    pos = record.positions
+    m = pos.shape[0]
+    if m and (pos.min() < record.prompt_len or pos.max() >= n_tok):
+        _fail(
+            f"positions must lie in [prompt_len, T) = [{record.prompt_len}, {n_tok}), "
+            f"got [{pos.min()}, {pos.max()}]"
+        )
+    if m > 1 and not (np.diff(pos) > 0).all():
+        _fail("positions must be strictly increasing")
+
+    # top-k [m, k]
+    ids, lp = record.topk_ids, record.topk_logprobs
+    if ids.shape[0] != m or lp.shape[0] != m or record.tail_logmass.shape[0] != m:
+        _fail(
+            f"{m} positions but topk_ids has {ids.shape[0]} rows, topk_logprobs "
+            f"{lp.shape[0]}, tail_logmass {record.tail_logmass.shape[0]}"
+        )
+    k = ids.shape[1]
+    if k < 1 or lp.shape[1] != k:
+        _fail(f"topk_ids has k = {k} and topk_logprobs k = {lp.shape[1]}; need equal and >= 1")
+    if vocab_size is not None and k > vocab_size:
+        _fail(f"k = {k} exceeds the vocabulary size {vocab_size}")
+    if m:
+        if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+            _fail(
+                f"topk_ids must lie in [0, {vocab_size or '2^31'}), got [{ids.min()}, {ids.max()}]"
+            )
+        if k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            _fail("topk_ids repeat a token within a row")
+        lp32 = lp.astype(np.float32)
+        if not np.isfinite(lp32).all() or (lp32 > 0).any():
+            _fail("topk_logprobs must be finite and <= 0")
+        if k > 1 and (np.diff(lp32, axis=1) > 0).any():
+            _fail("topk_logprobs must be sorted in descending order")
+        tail = record.tail_logmass
+        if not np.isfinite(tail).all() or (tail > 0).any():
+            _fail("tail_logmass must be finite and <= 0")
+        mass = np.exp(lp32.astype(np.float64)).sum(axis=1) + np.exp(tail.astype(np.float64))
+        worst = float(np.abs(mass - 1.0).max())
+        if worst > MASS_TOL:
+            _fail(f"top-k mass plus tail mass must be 1 (±{MASS_TOL}); off by {worst:.4f}")
+
+    # hidden [m, H]
+    if record.hidden is not None:
+        if record.hidden.shape[0] != m or record.hidden.shape[1] < 1:
+            _fail(f"hidden must have shape [{m}, H >= 1], got {list(record.hidden.shape)}")
+        if not np.isfinite(record.hidden).all():
+            _fail("hidden contains NaN or inf")
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def _pack_array(name: str, arr: np.ndarray) -> dict[str, Any]:
+    wire = _ARRAYS[name].wire
+    if wire == _INT_WIRE:
+        fits = arr.size == 0 or (arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max)
+        wire_name = "uint16" if fits else "int32"
+    else:
+        wire_name = wire[0]
+    data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[wire_name]).tobytes()
+    return {"dtype": wire_name, "shape": list(arr.shape), "data": data}
+
+
+def _unpack_array(name: str, obj: Any, budget: int) -> np.ndarray:
+    spec = _ARRAYS[name]
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        _fail(f"{name} must be a map with keys dtype, shape, data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in spec.wire:
+        _fail(f"{name} has dtype {dtype!r:.40}; allowed: {', '.join(spec.wire)}")
+    if not isinstance(shape, list) or len(shape) != spec.ndim:
+        _fail(f"{name} must have a shape of {spec.ndim} dimension(s), got {shape!r:.80}")
+    for dim in shape:
+        _check_int(f"{name} shape entry", dim, 0, MAX_ARRAY_BYTES)
+    if not isinstance(data, bytes):
+        _fail(f"{name} data must be bytes, got {type(data).__name__}")
+    wire = _WIRE_DTYPES[dtype]
+    expected = math.prod(shape) * wire.itemsize
+    if expected > budget:
+        _fail(f"{name} of shape {shape} would exceed the {MAX_ARRAY_BYTES}-byte array limit")
+    if expected != len(data):
+        _fail(
+            f"{name}: shape {shape} × {wire.itemsize} B = {expected} B, but data has {len(data)} B"
+        )
+    return np.frombuffer(data, dtype=wire).reshape(shape).astype(spec.dtype)  # a writable copy
+
+
+def encode(record: DistillRecord) -> bytes:
+    """Validate ``record`` and serialise it to msgpack bytes (format v1)."""
+    validate(record)
+    doc: dict[str, Any] = {"v": FORMAT_VERSION}
+    for name in _SCALARS:
+        doc[name] = getattr(record, name)
+    doc["created"] = float(record.created)
+    doc["meta"] = dict(record.meta)
+    for name in _ARRAYS:
+        arr = getattr(record, name)
+        doc[name] = None if arr is None else _pack_array(name, arr)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
+    """Parse and validate untrusted bytes; raise :class:`RecordError` on anything malformed.
+
+    ``vocab_size``, when given, bounds the token ids and the top-k ids.
+
+    >>> logits = torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]]))
+    >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
+    >>> decode(encode(rec), vocab_size=5).topk_ids.tolist()
+    [[4, 3]]
+    >>> decode(b"\\x81\\xa1v\\x02")
+    Traceback (most recent call last):
+    ...
+    osd.distill.record.RecordError: record format version 2 is not supported (this reader reads v1)
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        _fail(f"a record must be bytes, got {type(data).__name__}")
+    if len(data) > MAX_RECORD_BYTES:
+        _fail(f"record has {len(data)} bytes; the limit is {MAX_RECORD_BYTES}")
+    try:
+        doc = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=MAX_ARRAY_BYTES,
+            max_str_len=4 * MAX_STR_LEN,
+            max_array_len=8,
+            max_map_len=2 * MAX_META_ITEMS,
+            max_ext_len=0,
+        )
+    except Exception as err:  # msgpack raises several types; all mean "not a record"
+        raise RecordError(f"not a valid msgpack record ({type(err).__name__}: {err})") from err
+    if not isinstance(doc, dict):
+        _fail(f"a record must be a msgpack map, got {type(doc).__name__}")
+    version = doc.get("v")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        _fail(f"record format version {version!r:.40} is not supported (this reader reads v1)")
+    if set(doc) != _KEYS:
+        missing, extra = sorted(_KEYS - set(doc)), sorted(map(str, set(doc) - _KEYS))
+        _fail(f"record fields do not match v1: missing {missing}, unexpected {extra}")
+    budget = MAX_ARRAY_BYTES
+    arrays: dict[str, np.ndarray | None] = {}
+    for name in _ARRAYS:
+        if doc[name] is None and name == "hidden":
+            arrays[name] = None
+            continue
+        arrays[name] = arr = _unpack_array(name, doc[name], budget)
+        budget -= arr.nbytes
+    created = doc["created"]
+    record = DistillRecord(
+        request_id=doc["request_id"],
+        domain=doc["domain"],
+        drafter_id=doc["drafter_id"],
+        version=doc["version"],
+        prompt_len=doc["prompt_len"],
+        created=created,
+        meta=doc["meta"],
+        **arrays,
+    )
+    validate(record, vocab_size)
+    return record
+
+
+def bytes_per_position(record: DistillRecord) -> float:
+    """Encoded bytes of ``record`` per logged position (token ids and framing included)."""
+    if record.num_positions == 0:
+        raise RecordError("record logs no positions; bytes per position is undefined")
+    return len(encode(record)) / record.num_positions
+
+
+def full_vocab_bytes_per_position(vocab_size: int) -> int:
+    """Bytes of one full fp16 logits row: what logging the whole vocabulary would cost."""
+    return 2 * vocab_size
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def _as_int32(name: str, values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise RecordError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise RecordError(f"{name} must lie in [0, 2^31), got [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int32).reshape(-1)
+
+
+def build_record(
+    request_id: str,
+    token_ids: Any,
+    prompt_len: int,
+    positions: Any,
+    logits: torch.Tensor,
+    k: int = DEFAULT_K,
+    hidden: torch.Tensor | None = None,
+    *,
+    drafter_id: str,
+    version: int,
+    domain: str | None = None,
+    created: float | None = None,
+    meta: dict[str, str | int | float] | None = None,
+) -> DistillRecord:
+    """Build a record from the verifier's logits at the logged positions.
+
+    ``logits`` ``[m, V]``: row ``i`` is the target's logits that *predict*
+    ``token_ids[positions[i]]`` (the verifier output at index ``positions[i] - 1``).
+    ``hidden`` ``[m, H]``: the target's last hidden state at that same index. ``k`` is
+    capped at ``V``; then the record is exact and the tail is :data:`LOG_FLOOR`.
+
+    >>> logits = torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]]))
+    >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
+    >>> rec.topk_ids.tolist(), round(float(rec.tail_logmass[0]), 3)
+    ([[4, 3]], -1.204)
+    """
+    tokens = _as_int32("token_ids", token_ids)
+    pos = _as_int32("positions", positions)
+    if logits.ndim != 2 or logits.shape[0] != pos.shape[0]:
+        raise RecordError(
+            f"logits must have shape [m, V] with m = {pos.shape[0]} positions, "
+            f"got {list(logits.shape)}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise RecordError(f"k must be an int >= 1, got {k!r}")
+    k = min(k, logits.shape[1])
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)  # [m, V]
+        if torch.isnan(logp).any():
+            raise RecordError("logits contain NaN or +inf; refusing to log them")
+        top_lp, top_ids = torch.topk(logp, k, dim=-1)  # [m, k], sorted descending
+        # tail mass summed directly over the non-top-k tokens: no 1 - Σ cancellation
+        rest = logp.scatter(-1, top_ids, float("-inf"))
+        tail = torch.logsumexp(rest, dim=-1)  # [m]; -inf when k == V
+        top_lp = top_lp.clamp(LOG_FLOOR, 0.0)
+        tail = tail.nan_to_num(neginf=LOG_FLOOR).clamp(LOG_FLOOR, 0.0)
+        hid = None
+        if hidden is not None:
+            hid = hidden.detach().to(device="cpu", dtype=torch.float16).numpy()
+    record = DistillRecord(
+        request_id=request_id,
+        domain=domain,
+        drafter_id=drafter_id,
+        version=version,
+        token_ids=tokens,
+        prompt_len=prompt_len,
+        positions=pos,
+        topk_ids=top_ids.cpu().numpy().astype(np.int32),
+        topk_logprobs=top_lp.cpu().numpy().astype(np.float16),
+        tail_logmass=tail.cpu().numpy().astype(np.float32),
+        hidden=hid,
+        created=time.time() if created is None else created,
+        meta=dict(meta or {}),
+    )
+    validate(record, vocab_size=logits.shape[1])
+    return record
+
+
+def dense_target(record: DistillRecord, vocab_size: int) -> torch.Tensor:
+    """The target log-probs ``[m, V]`` with the tail mass spread evenly over non-top-k tokens.
+
+    Rows are renormalised (fp16 rounding of the top-k log-probs leaves them off by < 1e-2).
+
+    >>> logits = torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]]))
+    >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
+    >>> dense_target(rec, 5).exp().mul(100).round().tolist()
+    [[10.0, 10.0, 10.0, 20.0, 50.0]]
+    """
+    validate(record, vocab_size)
+    m, k = record.topk_ids.shape
+    ids = torch.from_numpy(record.topk_ids.astype(np.int64))  # [m, k]
+    top = torch.from_numpy(record.topk_logprobs.astype(np.float32))  # [m, k]
+    tail = torch.from_numpy(record.tail_logmass.astype(np.float32))  # [m]
+    fill = tail - math.log(vocab_size - k) if k < vocab_size else torch.full((m,), -math.inf)
+    out = fill[:, None].expand(m, vocab_size).clone()  # [m, V]
+    out.scatter_(1, ids, top)
+    return torch.log_softmax(out, dim=-1)
+
+
+def should_log(request_id: str, rate: float, seed: int = 0) -> bool:
+    """Deterministically choose a fraction ``rate`` of requests by hashing their id.
+
+    The same (id, seed) always gives the same answer, on every replica and every run.
+
+    >>> should_log("req-1", 1.0), should_log("req-1", 0.0)
+    (True, False)
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    if rate >= 1.0:
+        return True
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < rate

@@ -1,0 +1,91 @@
+"""The drafter interface and the records passed between the engine's stages.
+
+A drafter is small (compare Hugging Face's ``CandidateGenerator``): ``start`` a sequence,
+``propose`` a :class:`~osd.spec.tree.TokenTree`, ``observe`` what was accepted; plus the
+weight surface the registry swaps (``state_dict`` / ``load_state_dict`` / ``version``).
+Per-sequence drafter state lives in ``DecodeState.draft`` so that batched decoding can hold
+many sequences at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from osd.spec.accept import AcceptResult
+from osd.spec.sampling import SamplingParams
+from osd.spec.tree import TokenTree
+
+
+@dataclass
+class DecodeState:
+    """One sequence being decoded."""
+
+    tokens: list[int]  # committed: prompt + generated; the last one is the pending root
+    prompt_len: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    generator: torch.Generator | None = None
+    target_cache: Any = None  # KV of tokens[:-1]
+    draft: Any = None  # the drafter's per-sequence state
+    target_hidden: torch.Tensor | None = None  # [L, H] target last hidden states, newest last
+    finished: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def tokens_left(self) -> int:
+        return self.max_new_tokens - self.new_tokens
+
+
+@dataclass
+class StepResult:
+    """What one propose → verify → accept → commit step did."""
+
+    tree: TokenTree
+    accept: AcceptResult
+    emitted: list[int]  # tokens appended this step (after EOS / budget truncation)
+    target_logits: torch.Tensor | None = None  # [n + 1, V] verifier logits (for logging)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proposed_depth(self) -> int:
+        return self.tree.max_depth
+
+    @property
+    def accepted(self) -> int:
+        return self.accept.num_accepted
+
+
+class Drafter:
+    """Base class: a drafter that proposes nothing (plain target decoding)."""
+
+    name = "none"
+    needs_hidden_states = False  # the engine returns target hidden states only when True
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def start(self, state: DecodeState) -> None:
+        """A new sequence begins: set up ``state.draft``."""
+
+    def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
+        """Candidates after ``state.tokens``, no deeper than ``max_depth``."""
+        return TokenTree.empty()
+
+    def observe(self, state: DecodeState, result: StepResult) -> None:
+        """Acceptance feedback after commit (``state.tokens`` already extended)."""
+
+    # weight surface swapped by the registry
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        if state_dict:
+            raise ValueError(f"drafter {self.name!r} has no weights")
+        self.version = version
