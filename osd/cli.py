@@ -167,49 +167,131 @@ def workloads_show(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
-    target: Annotated[
-        str, typer.Option(help="Target model: zoo:NAME, path or Hub id.")
-    ] = "zoo:target",
+    target: Annotated[str, typer.Option(help="Target model: zoo:NAME, path or Hub id.")] = (
+        "zoo:target"
+    ),
+    drafter: Annotated[str, typer.Option(help="none, draft_model or ngram.")] = "draft_model",
+    draft: Annotated[str, typer.Option(help="Draft model for --drafter draft_model.")] = (
+        "zoo:draft"
+    ),
+    k: Annotated[int, typer.Option(help="Draft length (chain).")] = 4,
+    tree: Annotated[
+        str | None, typer.Option(help="MCSD k-config tree, e.g. 4,2,2 (overrides --k).")
+    ] = None,
+    adaptive: Annotated[
+        bool,
+        typer.Option(help="Adapt the chain length to measured costs and acceptance (up to --k)."),
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    typical: Annotated[
+        bool,
+        typer.Option(
+            help="LOSSY Medusa typical acceptance at T > 0 "
+            "(output no longer follows the target's "
+            "distribution)."
+        ),
+    ] = False,
 ) -> None:
-    """Generate a continuation with the target alone (Hugging Face generate)."""
-    import torch
-
+    """Generate with speculative decoding; prints the text and acceptance statistics."""
     from osd.models import load_model, load_tokenizer
+    from osd.spec.controller import SpeculationController
+    from osd.spec.drafters import make_drafter
+    from osd.spec.engine import SpeculativeDecoder
+    from osd.spec.sampling import SamplingParams
 
-    if max_new_tokens <= 0:
-        _fail(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        _fail(f"--temperature must be ≥ 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        _fail(f"--top-p must be in (0, 1], got {top_p}")
     try:
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
         model, tok = load_model(target), load_tokenizer(target)
+        draft_model = load_model(draft) if drafter == "draft_model" else None
+        dec = SpeculativeDecoder(
+            model,
+            make_drafter(drafter, draft_model, k=k, tree=tree),
+            tok,
+            controller=SpeculationController(k_max=k) if adaptive else None,
+        )
+        start = time.perf_counter()
+        out = dec.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling)
     except ValueError as err:
         _fail(str(err))
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] == 0:
-        _fail("prompt is empty")
-    torch.manual_seed(seed)
-    sample = temperature > 0
-    start = time.perf_counter()
-    out = model.generate(
-        ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        top_k=None,
-        pad_token_id=tok.pad_token_id,
-    )
     dt = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
     console.print(prompt, end="", markup=False, highlight=False)
-    console.print(tok.decode(out[0, ids.shape[1] :]), style="bold", markup=False, highlight=False)
-    console.print(f"[dim]{new} tokens in {dt:.2f} s ({new / dt:.1f} tok/s), target only[/dim]")
+    console.print(out.text, style="bold", markup=False, highlight=False)
+    s = out.stats
+    console.print(
+        f"[dim]{len(out.tokens)} tokens in {dt:.2f} s ({len(out.tokens) / dt:.1f} "
+        f"tok/s) · drafter {drafter} · α {s.alpha:.2f} · τ {s.tau:.2f} · "
+        f"{s.steps} target steps · stop: {out.finish_reason}[/dim]"
+    )
+
+
+@app.command()
+def bench(
+    workload: Annotated[str, typer.Option(help="Comma-separated domains, or 'all'.")] = "all",
+    n: Annotated[int, typer.Option(help="Eval prompts per domain.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
+    k: Annotated[int, typer.Option(help="Draft length for the chain methods.")] = 4,
+    target: Annotated[str, typer.Option(help="Target model.")] = "zoo:target",
+    draft: Annotated[str, typer.Option(help="Draft model (ours and HF assisted).")] = ("zoo:draft"),
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = (
+        None
+    ),
+    data_dir: DataDir = None,
+) -> None:
+    """Target-only vs HF assisted generation vs our drafters, one process, same prompts."""
+    import torch
+
+    from osd.bench import run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    with Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} prompts"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("bench", total=None)
+        try:
+            rep = run_bench(
+                target,
+                draft,
+                workload,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                k=k,
+                data_dir=data_dir,
+                progress=lambda i, t: bar.update(task, completed=i, total=t),
+            )
+        except (ValueError, FileNotFoundError) as err:
+            _fail(str(err))
+    table = Table(
+        title=f"osd bench · {rep['prompts']} prompts × {max_new_tokens} tokens, greedy, one process"
+    )
+    for col in ("method", "tok/s", "speedup", "α", "τ", "SoL", "= target"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, r in rep["methods"].items():
+        fmt = lambda key, r=r: f"{r[key]:.2f}" if r.get(key) is not None else "–"  # noqa: E731
+        table.add_row(
+            name,
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}×",
+            fmt("alpha"),
+            fmt("tau"),
+            fmt("speed_of_light"),
+            f"{r['matches_target']}/{r['prompts']}",
+        )
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Small models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting
+# against other processes (a 5-token forward went from 1 ms to 250 ms under load).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from osd.spec.accept import AcceptResult, accept_greedy, accept_sampling
+from osd.spec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
 from osd.spec.drafters.base import DecodeState, Drafter, StepResult
 from osd.spec.kvcache import compact, keep_slots
 from osd.spec.ledger import Ledger
@@ -126,7 +126,12 @@ class SpeculativeDecoder:
         controller=None,
         ledger: Ledger | None = None,
         on_step: Callable[[DecodeState, StepResult], None] | None = None,
+        typical: tuple[float, float] | None = None,
     ) -> None:
+        """``typical=(epsilon, delta)`` turns on Medusa's typical acceptance at T > 0:
+        **LOSSY** — the output no longer follows the target's distribution. Off by default;
+        greedy decoding ignores it."""
+        self.typical = typical
         self.target = target.eval()
         self.drafter = drafter or Drafter()
         self.tokenizer = tokenizer
@@ -235,6 +240,9 @@ class SpeculativeDecoder:
         if state.sampling.greedy:
             return accept_greedy(tree.tokens, tree.parents, logits.argmax(-1))
         q = warp_probs(logits, state.sampling)  # [n + 1, V]
+        if self.typical is not None:  # LOSSY, opt-in
+            eps, delta = self.typical
+            return accept_typical(tree.tokens, tree.parents, q, epsilon=eps, delta=delta)
         return accept_sampling(
             tree.tokens,
             tree.parents,

@@ -53,6 +53,7 @@ class ZooSpec:
     target: LMSpec
     draft: LMSpec
     tokenizer_chars: int = 2_000_000  # characters per domain fed to the BPE trainer
+    max_docs: int | None = None  # cap on training documents per domain (micro builds)
     seed: int = 0
     max_position: int = 1024
     name: str = "default"
@@ -95,6 +96,7 @@ PRESETS: dict[str, ZooSpec] = {
             warmup=2,
         ),
         tokenizer_chars=20_000,
+        max_docs=200,
         max_position=256,
         name="micro",
     ),
@@ -131,13 +133,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def token_streams(
-    tokenizer: PreTrainedTokenizerFast, domains: list[str], data_dir=None
+    tokenizer: PreTrainedTokenizerFast,
+    domains: list[str],
+    data_dir=None,
+    max_docs: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One 1-D token stream per domain: train-split texts joined by EOS."""
     eos = tokenizer.eos_token_id
     streams = {}
     for d in domains:
-        texts = [q.text for q in load_domain(d, "train", data_dir)]
+        texts = [q.text for q in load_domain(d, "train", data_dir)[:max_docs]]
         ids: list[int] = []
         for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
             ids.extend(enc.ids)
@@ -261,7 +266,7 @@ def build_zoo(
     result.seconds["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    streams = token_streams(tokenizer, list(DOMAINS), data_dir)
+    streams = token_streams(tokenizer, list(DOMAINS), data_dir, spec.max_docs)
     result.seconds["tokenize"] = time.perf_counter() - t0
     log.info("token streams: %s", {d: len(s) for d, s in streams.items()})
 

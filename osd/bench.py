@@ -1,0 +1,211 @@
+"""``osd bench``: target-only vs Hugging Face assisted generation vs our drafters.
+
+Everything runs **in one process on the same eval prompts**, greedy. For each prompt every
+method runs once, in an order rotated per prompt, so machine noise hits all alike.
+Per method it reports (DESIGN §7):
+
+- ``tokens_per_s`` and ``speedup`` = tokens/s ÷ target-only tokens/s (same run);
+- ``alpha``, ``alpha_per_pos``, ``tau`` (ours; HF assisted exposes no counters);
+- ``speed_of_light``: achieved tokens/s ÷ the bound τ / (c_verify + c_draft), with the
+  mean per-step verify and draft costs from the ledger — how much of the step goes to
+  anything but drafting and verifying; ``sol_speedup`` = τ · c(1) / (c_verify + c_draft),
+  with c(1) the engine's own target-only step cost, is the speedup those costs allow;
+- ``ledger``: the time split per stage;
+- ``matches_target``: prompts whose output equals target-only greedy decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from osd.models import load_model, load_tokenizer
+from osd.spec.controller import SpeculationController
+from osd.spec.drafters import make_drafter
+from osd.spec.engine import DecodeStats, SpeculativeDecoder
+from osd.spec.ledger import Ledger
+from osd.workloads.datasets import load_domain, parse_domains
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to decode. ``kind``: ``hf`` (target only), ``hf_assisted`` or ``ours``."""
+
+    name: str
+    kind: str
+    drafter: str = "none"
+    k: int = 4
+    tree: str | None = None
+    adaptive: bool = False
+
+
+def default_methods(k: int = 4) -> list[Method]:
+    return [
+        Method("target_only (HF)", "hf"),
+        Method(f"hf_assisted k={k}", "hf_assisted", k=k),
+        Method("ours target_only", "ours"),
+        Method(f"ours draft chain k={k}", "ours", "draft_model", k=k),
+        Method("ours draft chain adaptive", "ours", "draft_model", k=8, adaptive=True),
+        Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
+        Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
+        Method(f"ours ngram k={k}", "ours", "ngram", k=k),
+    ]
+
+
+@dataclass
+class _Tally:
+    tokens: int = 0
+    seconds: float = 0.0
+    matches: int = 0
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    ledger: Ledger = field(default_factory=Ledger)
+
+
+def _runner(
+    method: Method, target, draft, tok, max_new: int
+) -> Callable[[list[int]], tuple[list[int], DecodeStats | None, Ledger | None]]:
+    if method.kind == "hf":
+
+        def run(ids):
+            out = target.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            return out[0, len(ids) :].tolist(), None, None
+
+        return run
+    if method.kind == "hf_assisted":
+        draft.generation_config.num_assistant_tokens = method.k
+        draft.generation_config.num_assistant_tokens_schedule = "constant"
+        draft.generation_config.assistant_confidence_threshold = 0.0
+
+        def run(ids):
+            out = target.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new,
+                do_sample=False,
+                assistant_model=draft,
+                pad_token_id=tok.pad_token_id,
+            )
+            return out[0, len(ids) :].tolist(), None, None
+
+        return run
+    drafter = make_drafter(method.drafter, draft, k=method.k, tree=method.tree)
+    controller = SpeculationController(k_max=method.k) if method.adaptive else None
+    dec = SpeculativeDecoder(target, drafter, tok, controller=controller)
+
+    def run(ids):
+        out = dec.generate(ids, max_new_tokens=max_new)
+        return out.tokens, out.stats, out.ledger
+
+    return run
+
+
+def run_bench(
+    target: str = "zoo:target",
+    draft: str = "zoo:draft",
+    domains: str | None = None,
+    n: int = 10,
+    max_new_tokens: int = 64,
+    k: int = 4,
+    methods: list[Method] | None = None,
+    data_dir=None,
+    prompt_tokens: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run every method on ``n`` eval prompts per domain; return the JSON-able report."""
+    methods = methods or default_methods(k)
+    if n <= 0 or max_new_tokens <= 0:
+        raise ValueError(f"n and max_new_tokens must be positive, got {n}, {max_new_tokens}")
+    t_model, d_model, tok = (
+        load_model(target, "cpu"),
+        load_model(draft, "cpu"),
+        load_tokenizer(target),
+    )
+    prompts = []
+    for d in parse_domains(domains):
+        for q in load_domain(d, "eval", data_dir)[:n]:
+            prompts.append(tok(q.prompt, add_special_tokens=False).input_ids[-prompt_tokens:])
+    runners = {m.name: _runner(m, t_model, d_model, tok, max_new_tokens) for m in methods}
+    tallies = {m.name: _Tally() for m in methods}
+    warm = prompts[0][:8]
+    for run in runners.values():  # warm-up: first-call allocations, lazy imports
+        run(warm)
+    for i, ids in enumerate(prompts):
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        outputs = {}
+        for m in order:
+            start = time.perf_counter()
+            new, stats, ledger = runners[m.name](ids)
+            tally = tallies[m.name]
+            tally.seconds += time.perf_counter() - start
+            tally.tokens += len(new)
+            outputs[m.name] = new
+            if stats is not None:
+                tally.stats.merge(stats)
+                tally.ledger.merge(ledger)
+        ref = outputs[methods[0].name]
+        for name, new in outputs.items():
+            tallies[name].matches += new == ref
+        if progress:
+            progress(i + 1, len(prompts))
+    return _report(methods, tallies, len(prompts), max_new_tokens)
+
+
+def _report(
+    methods: list[Method], tallies: dict[str, _Tally], n_prompts: int, max_new: int
+) -> dict:
+    base = tallies[methods[0].name]
+    base_tps = base.tokens / base.seconds
+    engine_base = next(
+        (tallies[m.name] for m in methods if m.kind == "ours" and m.drafter == "none"), None
+    )
+    c1 = engine_base.ledger.mean_ms("verify") if engine_base else None
+    rows = {}
+    for m in methods:
+        t = tallies[m.name]
+        tps = t.tokens / t.seconds
+        row = {
+            "kind": m.kind,
+            "drafter": m.drafter,
+            "k": m.k,
+            "tree": m.tree,
+            "adaptive": m.adaptive,
+            "tokens_per_s": tps,
+            "speedup": tps / base_tps,
+            "matches_target": t.matches,
+            "prompts": n_prompts,
+        }
+        if t.stats.steps:
+            s = t.stats
+            c_verify = t.ledger.mean_ms("verify")
+            c_draft = t.ledger.seconds["propose"] * 1000 / s.steps
+            bound_tps = s.tau / (c_verify + c_draft) * 1000
+            row.update(
+                {
+                    "alpha": s.alpha,
+                    "alpha_per_pos": s.alpha_per_pos,
+                    "tau": s.tau,
+                    "c_verify_ms": c_verify,
+                    "c_draft_ms": c_draft,
+                    "speed_of_light": tps / bound_tps,
+                    "sol_speedup": s.tau * c1 / (c_verify + c_draft) if c1 else None,
+                    "ledger": {k: round(v, 4) for k, v in t.ledger.split().items()},
+                }
+            )
+        rows[m.name] = row
+    return {
+        "prompts": n_prompts,
+        "max_new_tokens": max_new,
+        "baseline": methods[0].name,
+        "c1_ms": c1,
+        "methods": rows,
+    }

@@ -1,0 +1,82 @@
+"""From decoding to distill records: the target's logits at emitted positions, per request.
+
+A :class:`RecordCollector` hooks the engine's ``on_step`` and keeps, for each sequence, the
+**verifier's** logits rows (no second target pass) at the positions it logs:
+
+- ``all``: every emitted position;
+- ``rejected`` (OSD): the position of the step's last emitted token — the recovered token
+  where the draft was wrong, or the bonus token after a fully accepted draft.
+
+Which verifier row predicts which emitted token: row 0 (after the root) predicts the
+first emitted token, row ``path[j] + 1`` (after the j-th accepted node) the next one.
+Worked example — tokens before the step ``[7, 8, 9]`` (positions 0..2), accepted path
+``[0, 2]``, emitted ``[a, c, r]``: positions 3, 4, 5 are predicted by rows 0, 1, 3;
+``rejected`` mode logs only position 5 (row 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from osd.distill.record import DistillRecord, LogConfig, LogMode, build_record, should_log
+from osd.spec.drafters.base import DecodeState, StepResult
+
+
+class RecordCollector:
+    """Collects logged rows per sequence; :meth:`finish` turns them into one record."""
+
+    def __init__(self, config: LogConfig | None = None) -> None:
+        self.config = config or LogConfig()
+        self._rows: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+
+    def attach(self, decoder) -> None:
+        """Make ``decoder`` keep its verifier logits and report each step here."""
+        decoder.keep_logits = True
+        previous = decoder.on_step
+
+        def on_step(state: DecodeState, step: StepResult) -> None:
+            self.on_step(state, step)
+            if previous is not None:
+                previous(state, step)
+
+        decoder.on_step = on_step
+
+    def on_step(self, state: DecodeState, step: StepResult) -> None:
+        if step.target_logits is None or not step.emitted:
+            return
+        first = len(state.tokens) - len(step.emitted)  # position of the first emitted token
+        rows = [0] + [i + 1 for i in step.accept.path]
+        idx = list(range(len(step.emitted)))
+        if self.config.mode == LogMode.REJECTED:
+            idx = idx[-1:] if len(step.emitted) == len(rows) else []
+        positions, logits = self._rows.setdefault(id(state), ([], []))
+        for j in idx:
+            positions.append(first + j)
+            logits.append(step.target_logits[rows[j]].detach().float().cpu())
+
+    def discard(self, state: DecodeState) -> None:
+        self._rows.pop(id(state), None)
+
+    def finish(
+        self,
+        state: DecodeState,
+        request_id: str,
+        drafter_id: str,
+        version: int,
+        domain: str | None = None,
+    ) -> DistillRecord | None:
+        """The request's record, or ``None`` when it logged nothing or is not sampled."""
+        positions, logits = self._rows.pop(id(state), ([], []))
+        if not positions or not should_log(request_id, self.config.rate, self.config.seed):
+            return None
+        return build_record(
+            request_id,
+            state.tokens,
+            state.prompt_len,
+            positions,
+            torch.stack(logits),
+            k=self.config.k,
+            drafter_id=drafter_id,
+            version=version,
+            domain=domain,
+        )

@@ -1,0 +1,59 @@
+"""Records carry the target's distribution at the right positions, from the verifier."""
+
+import numpy as np
+import pytest
+import torch
+
+from osd.distill.collect import RecordCollector
+from osd.distill.record import LogConfig, LogMode, decode, encode
+from osd.models import load_model
+from osd.spec.drafters.draft_model import DraftModelDrafter
+from osd.spec.engine import SpeculativeDecoder
+
+
+@pytest.fixture(scope="module")
+def models(micro_zoo):
+    return load_model(str(micro_zoo / "target")), load_model(str(micro_zoo / "draft"))
+
+
+@pytest.mark.parametrize("mode", [LogMode.ALL, LogMode.REJECTED])
+@pytest.mark.parametrize("tree", [None, (2, 2)])
+def test_logged_topk_equals_target_forward(models, mode, tree):
+    target, draft = models
+    dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=3, tree=tree))
+    dec.eos = set()
+    collector = RecordCollector(LogConfig(mode=mode, k=8))
+    collector.attach(dec)
+    state = dec.start([5, 9, 17, 33, 2], max_new_tokens=20)
+    steps = 0
+    while not state.finished:
+        dec.step(state)
+        steps += 1
+    rec = collector.finish(state, "req-1", "draft", version=3, domain="math")
+    rec = decode(encode(rec), vocab_size=target.config.vocab_size)
+    assert rec.version == 3 and rec.domain == "math" and rec.drafter_id == "draft"
+    assert rec.token_ids.tolist() == state.tokens
+    if mode == LogMode.ALL:
+        assert rec.positions.tolist() == list(range(5, 25))
+    else:  # one per step (the last step may be cut by the budget)
+        assert steps - 1 <= len(rec.positions) <= steps
+    with torch.inference_mode():
+        full = target(torch.tensor([state.tokens])).logits[0].log_softmax(-1)  # [T, V]
+    for i, t in enumerate(rec.positions.tolist()):
+        ref = full[t - 1]  # row t-1 predicts token t
+        top = ref.topk(8)
+        assert rec.topk_ids[i].tolist() == top.indices.tolist()
+        np.testing.assert_allclose(
+            rec.topk_logprobs[i].astype(np.float32), top.values.numpy(), atol=2e-2
+        )
+
+
+def test_sampling_rate_zero_logs_nothing(models):
+    target, draft = models
+    dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=2))
+    collector = RecordCollector(LogConfig(rate=0.0))
+    collector.attach(dec)
+    state = dec.start([5, 9, 17], max_new_tokens=5)
+    while not state.finished:
+        dec.step(state)
+    assert collector.finish(state, "r", "draft", 0) is None

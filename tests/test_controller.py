@@ -1,0 +1,67 @@
+import random
+
+import pytest
+
+from osd.spec.controller import SpeculationController, expected_tokens
+from osd.spec.ledger import Ledger
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+
+
+def simulate(
+    alpha: float, c_draft: float, v0: float, v1: float, steps: int = 400, seed: int = 0
+) -> SpeculationController:
+    """Drive the controller with a fake ledger whose costs follow the given model."""
+    rng = random.Random(seed)
+    ctl, ledger = SpeculationController(k_max=8), Ledger()
+    for _ in range(steps):
+        k = ctl.depth()
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        ledger.seconds["propose"] += k * c_draft / 1000
+        ledger.seconds["verify"] += (v0 + v1 * k) / 1000
+        ctl.observe(k, accepted, ledger)
+    return ctl
+
+
+def test_worked_example_from_the_docstring_picks_k4():
+    ctl = simulate(alpha=0.8, c_draft=1.0, v0=6.0, v1=0.25)
+    assert ctl.alpha == pytest.approx(0.8, abs=0.06)
+    c_draft, v0, v1 = ctl.costs()
+    assert c_draft == pytest.approx(1.0, rel=1e-6)
+    assert v0 == pytest.approx(6.0, rel=0.05) and v1 == pytest.approx(0.25, rel=0.2)
+    assert ctl.best_k() in (3, 4, 5)
+
+
+def test_high_acceptance_and_cheap_draft_drafts_long():
+    assert simulate(alpha=0.95, c_draft=0.2, v0=6.0, v1=0.1).best_k() == 8
+
+
+def test_low_acceptance_or_expensive_draft_drafts_short():
+    assert simulate(alpha=0.2, c_draft=1.0, v0=6.0, v1=0.25).best_k() == 1
+    assert simulate(alpha=0.6, c_draft=5.0, v0=6.0, v1=0.25).best_k() == 1
+
+
+def test_follows_drift_in_acceptance():
+    ctl = simulate(alpha=0.95, c_draft=0.5, v0=6.0, v1=0.1)
+    assert ctl.best_k() >= 6
+    ledger = Ledger()
+    ledger.seconds.update(ctl._last)
+    for _ in range(400):  # acceptance collapses
+        k = ctl.depth()
+        ledger.seconds["propose"] += k * 0.5 / 1000
+        ledger.seconds["verify"] += (6.0 + 0.1 * k) / 1000
+        ctl.observe(k, 0, ledger)
+    assert ctl.alpha < 0.1 and ctl.best_k() == 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k_min"):
+        SpeculationController(k_min=0)
+    with pytest.raises(ValueError, match="alpha_prior"):
+        SpeculationController(alpha_prior=1.0)
