@@ -294,5 +294,115 @@ def bench(
         console.print(f"wrote {json_out}")
 
 
+@app.command()
+def online(
+    schedule: Annotated[
+        str, typer.Option(help="Replay schedule, e.g. 'drift:instruct@100,math@350,sql'.")
+    ] = ("drift:instruct@100,math@350,sql"),
+    n: Annotated[int, typer.Option(help="Requests in the stream.")] = 600,
+    loss: Annotated[str, typer.Option(help="fkl, rkl, jsd, tvd or ce.")] = "fkl",
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters instead of the full draft.")] = (
+        False
+    ),
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default by mode).")] = None,
+    k: Annotated[int, typer.Option(help="Draft length.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
+    steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
+    log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
+    seed: Annotated[int, typer.Option(help="Schedule seed.")] = 0,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="Redis URL (default: $REDIS_URL, else a private embedded redis-server)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the α plot (PNG) here.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """In-process online loop on a drift stream: online vs frozen draft α per window."""
+    import torch
+
+    from osd.buffer import RedisStreamBuffer, connect
+    from osd.models import load_model, load_tokenizer
+    from osd.online import OnlineConfig, plot_online, run_online
+
+    try:
+        cfg = OnlineConfig(
+            schedule=schedule,
+            n=n,
+            seed=seed,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            loss=loss,
+            lora=lora,
+            lr=lr,
+            log_mode=log_mode,
+            steps_per_request=steps_per_request,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    torch.manual_seed(seed)
+    target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
+    tok = load_tokenizer("zoo:target")
+    client, server = connect(redis_url)
+    try:
+        buffer = RedisStreamBuffer(client, maxlen=cfg.maxlen)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("online", total=n)
+
+            def progress(entry, result):
+                w = result.requests[-cfg.window :]
+                on = sum(r.accepted_online for r in w) / max(1, sum(r.proposed_online for r in w))
+                fr = sum(r.accepted_frozen for r in w) / max(1, sum(r.proposed_frozen for r in w))
+                bar.update(
+                    task,
+                    advance=1,
+                    description=(
+                        f"{entry.domain:8s} v{entry.version} α online {on:.2f} frozen {fr:.2f} "
+                        f"steps {result.trainer_steps}"
+                    ),
+                )
+
+            result = run_online(
+                target, draft, tok, buffer, cfg, data_dir=data_dir, progress=progress
+            )
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    finally:
+        if server is not None:
+            server.stop()
+    rep = result.to_json()
+    table = Table(title=f"online distillation · {loss}{' LoRA' if lora else ''} · {schedule}")
+    for col in ("domain", "requests", "α online", "α frozen", "gain"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for d, g in rep["by_domain"].items():
+        table.add_row(
+            d,
+            str(g["requests"]),
+            f"{g['alpha_online']:.3f}",
+            f"{g['alpha_frozen']:.3f}",
+            f"{g['gain']:+.3f}",
+        )
+    console.print(table)
+    promoted = sum(v["promoted"] for v in rep["versions"])
+    console.print(
+        f"{len(rep['versions'])} versions published, {promoted} promoted; "
+        f"{rep['bytes_per_position']:.1f} bytes per logged position "
+        f"({100 * rep['bytes_ratio']:.2f}% of full-vocab fp16)"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if plot:
+        plot_online(result, plot)
+        console.print(f"wrote {plot}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,297 @@
+"""The online loop in one process: serve → log → buffer → distil → gate → hot-swap.
+
+``osd online`` replays a drift stream from :mod:`osd.workloads` through the whole loop,
+each part the real component the Ray application wires (DESIGN §4): the speculative
+decoder serves every request greedily with the **online** draft; a :class:`RecordCollector`
+turns the verifier's logits into a distill record; the record goes through the Redis
+stream buffer (an embedded ``redis-server`` unless ``$REDIS_URL`` is set); an
+:class:`OnlineDistiller` trains a copy of the draft on the stream (a few optimiser steps
+after each request: the "spare compute"); every M steps it publishes to the
+:class:`Registry`, whose gate estimates acceptance on held-out recent records without a
+target pass; promoted weights are loaded into the serving drafter between requests.
+
+The **frozen** draft is measured on the same stream by replaying its greedy acceptance
+against the served output (``osd.spec.replay``: exact, and no target pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from osd.distill.collect import RecordCollector
+from osd.distill.lora import merge_adapter
+from osd.distill.record import LogConfig, LogMode, encode
+from osd.distill.record import full_vocab_bytes_per_position as full_bytes
+from osd.distill.trainer import DistillConfig, OnlineDistiller
+from osd.registry import PromotionGate, Registry
+from osd.spec.drafters.draft_model import DraftModelDrafter
+from osd.spec.engine import DecodeStats, SpeculativeDecoder
+from osd.spec.replay import replay_greedy
+from osd.workloads.schedule import parse_schedule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STREAM = "drift:instruct@100,math@350,sql"  # 100 instruct, 250 math, 250 sql
+DRAFTER_ID = "draft"
+
+
+@dataclass
+class OnlineConfig:
+    schedule: str = DEFAULT_STREAM
+    n: int = 600
+    seed: int = 0
+    k: int = 4
+    max_new_tokens: int = 48
+    prompt_tokens: int = 128  # prompts are cut to their last N tokens
+    loss: str = "fkl"
+    lora: bool = False
+    lr: float | None = None
+    log_mode: str = "all"
+    topk: int = 16
+    batch_records: int = 8
+    steps_per_request: int = 2  # trainer steps after each request (the spare compute)
+    publish_every_steps: int = 16
+    holdout_every: int = 8  # every N-th record is held out for the gate, not trained on
+    holdout_size: int = 32
+    gate_margin: float = 0.01
+    window: int = 50
+    maxlen: int = 10_000  # buffer stream bound
+
+
+@dataclass
+class RequestLog:
+    index: int
+    domain: str
+    version: int
+    alpha_online: float
+    alpha_frozen: float
+    proposed_online: int
+    accepted_online: int
+    proposed_frozen: int
+    accepted_frozen: int
+
+
+@dataclass
+class OnlineResult:
+    config: OnlineConfig
+    requests: list[RequestLog] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)
+    bytes_per_position: float = 0.0
+    full_vocab_bytes_per_position: int = 0
+    trainer_steps: int = 0
+
+    def windows(self) -> list[dict]:
+        w = self.config.window
+        out = []
+        for start in range(0, len(self.requests), w):
+            chunk = self.requests[start : start + w]
+            out.append(
+                {
+                    "start": start,
+                    "domain": Counter(r.domain for r in chunk).most_common(1)[0][0],
+                    "alpha_online": _pooled(chunk, "online"),
+                    "alpha_frozen": _pooled(chunk, "frozen"),
+                    "version": chunk[-1].version,
+                }
+            )
+        return out
+
+    def gain_by_domain(self, last: int = 100) -> dict[str, dict]:
+        """Online − frozen α over each domain's last ``last`` requests."""
+        out = {}
+        for d in dict.fromkeys(r.domain for r in self.requests):
+            rs = [r for r in self.requests if r.domain == d][-last:]
+            on, fr = _pooled(rs, "online"), _pooled(rs, "frozen")
+            out[d] = {"gain": on - fr, "alpha_online": on, "alpha_frozen": fr, "requests": len(rs)}
+        return out
+
+    def to_json(self) -> dict:
+        gains = self.gain_by_domain()
+        return {
+            "windows": self.windows(),
+            "gain_by_domain": {d: g["gain"] for d, g in gains.items()},
+            "by_domain": gains,
+            "bytes_per_position": self.bytes_per_position,
+            "full_vocab_bytes_per_position": self.full_vocab_bytes_per_position,
+            "bytes_ratio": self.bytes_per_position / self.full_vocab_bytes_per_position,
+            "loss": self.config.loss,
+            "lora": self.config.lora,
+            "versions": self.versions,
+            "trainer_steps": self.trainer_steps,
+            "config": asdict(self.config),
+        }
+
+
+def _pooled(rows: list[RequestLog], which: str) -> float:
+    """Accepted ÷ proposed over ``rows`` for the ``online`` or ``frozen`` draft."""
+    proposed = sum(getattr(r, f"proposed_{which}") for r in rows)
+    return sum(getattr(r, f"accepted_{which}") for r in rows) / proposed if proposed else 0.0
+
+
+def run_online(
+    target,
+    draft,
+    tokenizer,
+    buffer,
+    config: OnlineConfig | None = None,
+    data_dir=None,
+    registry: Registry | None = None,
+    progress: Callable[[RequestLog, OnlineResult], None] | None = None,
+) -> OnlineResult:
+    """Replay ``config.schedule`` through the loop; ``buffer`` is a SampleBuffer."""
+    cfg = config or OnlineConfig()
+    result = OnlineResult(cfg, full_vocab_bytes_per_position=full_bytes(target.config.vocab_size))
+    schedule = parse_schedule(cfg.schedule, cfg.n, cfg.seed).build(data_dir=data_dir)
+    serving = DraftModelDrafter(copy.deepcopy(draft), k=cfg.k)
+    frozen = DraftModelDrafter(draft, k=cfg.k)
+    dec = SpeculativeDecoder(target, serving, tokenizer)
+    collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk))
+    collector.attach(dec)
+    dcfg = DistillConfig(
+        loss=cfg.loss,
+        lora=cfg.lora,
+        lr=cfg.lr,
+        batch_records=cfg.batch_records,
+        publish_every_steps=cfg.publish_every_steps,
+        publish_every_s=None,
+    )
+    trainer = OnlineDistiller(copy.deepcopy(draft), buffer, DRAFTER_ID, dcfg)
+    registry = registry or Registry()
+    registry.register_base(
+        DRAFTER_ID, serving.state_dict(), provenance={"source": "zoo", "role": "initial draft"}
+    )
+    gate = PromotionGate(margin=cfg.gate_margin)
+    holdout: deque = deque(maxlen=cfg.holdout_size)
+    record_bytes, record_positions = 0, 0
+
+    for req in schedule:
+        ids = tokenizer(req.query.prompt, add_special_tokens=False).input_ids[-cfg.prompt_tokens :]
+        state = dec.start(ids, cfg.max_new_tokens)
+        stats = DecodeStats()
+        while not state.finished:
+            dec.step(state, stats)
+        rec = collector.finish(
+            state, f"req-{req.index}", DRAFTER_ID, serving.version, domain=req.domain
+        )
+        frozen_stats = replay_greedy(frozen, state.tokens, state.prompt_len, cfg.k)
+        entry = RequestLog(
+            req.index,
+            req.domain,
+            serving.version,
+            stats.alpha,
+            frozen_stats.alpha,
+            stats.proposed,
+            stats.accepted,
+            frozen_stats.proposed,
+            frozen_stats.accepted,
+        )
+        result.requests.append(entry)
+        if rec is not None:
+            data = encode(rec)
+            record_bytes += len(data)
+            record_positions += rec.num_positions
+            if req.index % cfg.holdout_every == cfg.holdout_every - 1:
+                holdout.append(rec)
+            else:
+                buffer.put(DRAFTER_ID, data)
+        for _ in range(cfg.steps_per_request):
+            if trainer.step() is None:
+                break
+            if trainer.should_publish():
+                _publish(registry, trainer, gate, serving, list(holdout), dcfg, result)
+                trainer.mark_published()
+        result.trainer_steps = trainer.steps
+        result.bytes_per_position = record_bytes / max(record_positions, 1)
+        if progress is not None:
+            progress(entry, result)
+    return result
+
+
+def _publish(
+    registry: Registry,
+    trainer: OnlineDistiller,
+    gate: PromotionGate,
+    serving: DraftModelDrafter,
+    holdout: list,
+    dcfg: DistillConfig,
+    result: OnlineResult,
+) -> None:
+    """Publish the trainer's weights, gate them on held-out records, hot-swap if promoted."""
+    weights, kind = trainer.export()
+    live = registry.live_version(DRAFTER_ID)
+    info = registry.publish(
+        DRAFTER_ID,
+        weights,
+        kind=kind,
+        parent=live,
+        provenance={
+            "trainer": "in-process",
+            "steps": trainer.steps,
+            "records_seen": trainer.records_seen,
+            "loss": dcfg.loss,
+        },
+    )
+    trainer.model.eval()
+    decision = registry.gate_and_promote(
+        DRAFTER_ID, info.version, gate, trainer.model, serving.model, holdout
+    )
+    trainer.model.train()
+    if decision.promote:
+        new = weights if kind == "full" else merge_adapter(serving.model, weights, dcfg)
+        serving.load_state_dict(new, info.version)  # between requests: never mid-step
+    result.versions.append(
+        {
+            "version": info.version,
+            "promoted": decision.promote,
+            "candidate": decision.candidate,
+            "live": decision.live,
+            "at_request": len(result.requests),
+            "steps": trainer.steps,
+        }
+    )
+    log.info(
+        "v%d %s (candidate %.3f vs live %.3f)",
+        info.version,
+        "promoted" if decision.promote else "rejected",
+        decision.candidate,
+        decision.live,
+    )
+
+
+def plot_online(result: OnlineResult, path) -> None:
+    """α per window, online vs frozen, with domain switches and promotions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wins = result.windows()
+    xs = [w["start"] + result.config.window / 2 for w in wins]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(xs, [w["alpha_online"] for w in wins], "o-", label="online draft")
+    ax.plot(xs, [w["alpha_frozen"] for w in wins], "s--", label="frozen draft")
+    prev = None
+    for r in result.requests:
+        if r.domain != prev:
+            ax.axvline(r.index, color="grey", lw=0.8)
+            ax.text(r.index + 3, 0.97, r.domain, va="top", fontsize=9, color="grey")
+            prev = r.domain
+    for v in result.versions:
+        if v["promoted"]:
+            ax.axvline(v["at_request"], color="tab:green", lw=0.5, alpha=0.4)
+    ax.set(
+        xlabel="request",
+        ylabel="acceptance rate α",
+        ylim=(0, 1),
+        title=f"online distillation ({result.config.loss}"
+        f"{', LoRA' if result.config.lora else ''}): α per {result.config.window} "
+        "requests; green = promoted version",
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
