@@ -1,4 +1,4 @@
-"""Tests for ``osd.spec.sampling`` and ``osd.spec.accept``.
+"""Tests for ``osd.spec.sampling``, ``osd.spec.accept`` and ``osd.spec.accept_batch``.
 
 The heart is the statistical exactness of speculative sampling (DESIGN §3): whatever the
 drafter — a chain, a multi-candidate tree with iid siblings or siblings drawn without
@@ -26,28 +26,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from osd.spec.accept import (
-    AcceptResult,
-    BatchAcceptResult,
-    accept_greedy,
-    accept_sampling,
-    accept_sampling_batch,
-    accept_typical,
-)
+from osd.spec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
+from osd.spec.accept_batch import BatchAcceptResult, accept_sampling_batch
 from osd.spec.sampling import SamplingParams, sample, warp_logits, warp_probs
 
 V = 6
 N_DRAWS = 20_000
 P_MIN = 1e-3  # chi-square p-value threshold
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tensors here are tiny: intra-op threads only add contention on a 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import osd.gate
 import osd.registry
+import osd.registry_store
+import osd.weights
 from osd.distill.record import DistillRecord, build_record
 from osd.registry import (
     DiskStore,
@@ -385,8 +388,12 @@ def test_gate_needs_enough_records(target, records):
 # ---- hygiene ----------------------------------------------------------------------------------
 
 
-def test_registry_never_unpickles():
-    tree = ast.parse(Path(osd.registry.__file__).read_text())
+REGISTRY_MODULES = [osd.registry, osd.registry_store, osd.weights, osd.gate]
+
+
+@pytest.mark.parametrize("module", REGISTRY_MODULES, ids=lambda m: m.__name__)
+def test_registry_never_unpickles(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     imported, names, torch_loads = set(), set(), 0
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -403,5 +410,6 @@ def test_registry_never_unpickles():
     assert not imported & unsafe and not names & unsafe and torch_loads == 0
 
 
-def test_doctests():
-    assert doctest.testmod(osd.registry).failed == 0
+@pytest.mark.parametrize("module", REGISTRY_MODULES, ids=lambda m: m.__name__)
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0

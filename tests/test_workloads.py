@@ -20,7 +20,6 @@ from osd.workloads import (
     Schedule,
     Stationary,
     Switch,
-    data_root,
     load_domain,
     parse_schedule,
 )
@@ -28,17 +27,9 @@ from osd.workloads import (
 # ------------------------------------------------------------------------------ loaders
 
 
-@pytest.fixture(scope="module")
-def root():
-    try:
-        return data_root()
-    except FileNotFoundError as e:
-        pytest.skip(f"shared data sets not available: {e}")
-
-
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_domain_loads_with_nonempty_prompts(root, domain):
-    queries = load_domain(domain, "eval", root)
+def test_domain_loads_with_nonempty_prompts(data_dir, domain):
+    queries = load_domain(domain, "eval", data_dir)
     assert queries, f"{domain}: empty eval split"
     assert all(q.domain == domain for q in queries)
     assert all(q.prompt.strip() for q in queries), f"{domain}: a query has an empty prompt"
@@ -46,10 +37,10 @@ def test_domain_loads_with_nonempty_prompts(root, domain):
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_splits_partition_all_by_id(root, domain):
-    train = load_domain(domain, "train", root)
-    eval_ = load_domain(domain, "eval", root)
-    every = load_domain(domain, "all", root)
+def test_splits_partition_all_by_id(data_dir, domain):
+    train = load_domain(domain, "train", data_dir)
+    eval_ = load_domain(domain, "eval", data_dir)
+    every = load_domain(domain, "all", data_dir)
     train_ids, eval_ids = {q.id for q in train}, {q.id for q in eval_}
     assert len(train_ids) == len(train) and len(eval_ids) == len(eval_), "duplicate ids"
     assert not train_ids & eval_ids
@@ -59,9 +50,9 @@ def test_splits_partition_all_by_id(root, domain):
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_eval_prompts_not_seen_in_train(root, domain):
-    train_prompts = {q.prompt for q in load_domain(domain, "train", root)}
-    leaked = [q.id for q in load_domain(domain, "eval", root) if q.prompt in train_prompts]
+def test_eval_prompts_not_seen_in_train(data_dir, domain):
+    train_prompts = {q.prompt for q in load_domain(domain, "train", data_dir)}
+    leaked = [q.id for q in load_domain(domain, "eval", data_dir) if q.prompt in train_prompts]
     assert not leaked, f"{domain}: {len(leaked)} eval prompts also in train, e.g. {leaked[:3]}"
 
 
@@ -194,9 +185,9 @@ def test_missing_or_empty_domain_queries_raise():
         schedule.build({"math": QUERIES["math"], "sql": []})
 
 
-def test_build_loads_real_eval_split(root):
-    reqs = parse_schedule("switch:instruct>sql@5", n=10, seed=0).build(data_dir=root)
-    eval_ids = {q.id for d in ("instruct", "sql") for q in load_domain(d, "eval", root)}
+def test_build_loads_real_eval_split(data_dir):
+    reqs = parse_schedule("switch:instruct>sql@5", n=10, seed=0).build(data_dir=data_dir)
+    eval_ids = {q.id for d in ("instruct", "sql") for q in load_domain(d, "eval", data_dir)}
     assert all(r.query.id in eval_ids for r in reqs)
     assert [r.domain for r in reqs] == ["instruct"] * 5 + ["sql"] * 5
 
