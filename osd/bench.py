@@ -68,8 +68,10 @@ class _Tally:
 
 
 def _runner(
-    method: Method, target, draft, tok, max_new: int
+    method: Method, target, draft, tok, max_new: int, ignore_eos: bool
 ) -> Callable[[list[int]], tuple[list[int], DecodeStats | None, Ledger | None]]:
+    # ignore_eos (as vLLM's benchmarks): every prompt generates exactly max_new tokens
+    hf_eos = {"eos_token_id": None, "min_new_tokens": max_new} if ignore_eos else {}
     if method.kind == "hf":
 
         def run(ids):
@@ -78,6 +80,7 @@ def _runner(
                 max_new_tokens=max_new,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
+                **hf_eos,
             )
             return out[0, len(ids) :].tolist(), None, None
 
@@ -94,6 +97,7 @@ def _runner(
                 do_sample=False,
                 assistant_model=draft,
                 pad_token_id=tok.pad_token_id,
+                **hf_eos,
             )
             return out[0, len(ids) :].tolist(), None, None
 
@@ -101,6 +105,8 @@ def _runner(
     drafter = make_drafter(method.drafter, draft, k=method.k, tree=method.tree)
     controller = SpeculationController(k_max=method.k) if method.adaptive else None
     dec = SpeculativeDecoder(target, drafter, tok, controller=controller)
+    if ignore_eos:
+        dec.eos = set()
 
     def run(ids):
         out = dec.generate(ids, max_new_tokens=max_new)
@@ -119,6 +125,7 @@ def run_bench(
     methods: list[Method] | None = None,
     data_dir=None,
     prompt_tokens: int = 128,
+    ignore_eos: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run every method on ``n`` eval prompts per domain; return the JSON-able report."""
@@ -134,7 +141,9 @@ def run_bench(
     for d in parse_domains(domains):
         for q in load_domain(d, "eval", data_dir)[:n]:
             prompts.append(tok(q.prompt, add_special_tokens=False).input_ids[-prompt_tokens:])
-    runners = {m.name: _runner(m, t_model, d_model, tok, max_new_tokens) for m in methods}
+    runners = {
+        m.name: _runner(m, t_model, d_model, tok, max_new_tokens, ignore_eos) for m in methods
+    }
     tallies = {m.name: _Tally() for m in methods}
     warm = prompts[0][:8]
     for run in runners.values():  # warm-up: first-call allocations, lazy imports
@@ -157,7 +166,9 @@ def run_bench(
             tallies[name].matches += new == ref
         if progress:
             progress(i + 1, len(prompts))
-    return _report(methods, tallies, len(prompts), max_new_tokens)
+    rep = _report(methods, tallies, len(prompts), max_new_tokens)
+    rep["ignore_eos"] = ignore_eos
+    return rep
 
 
 def _report(
