@@ -60,6 +60,12 @@ def zoo_build(
     ] = None,
     preset: Annotated[str, typer.Option(help="Size preset: default or micro.")] = "default",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="'draft': rebuild only the draft, from the tokenizer and target already in --out."
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Train the tokenizer, the target (all domains) and the draft (prose + instruct)."""
@@ -87,7 +93,9 @@ def zoo_build(
 
         console.print(f"building zoo preset [bold]{preset}[/bold] into {out} …")
         try:
-            result = build_zoo(out, preset, data_dir=data_dir, seed=seed, progress=progress)
+            result = build_zoo(
+                out, preset, data_dir=data_dir, seed=seed, progress=progress, only=only
+            )
         except FileNotFoundError as err:
             _fail(str(err))
     console.print(

@@ -1,8 +1,9 @@
 """Build the tiny model zoo: a byte-level BPE tokenizer, a Llama target, a general draft.
 
 ``osd zoo build`` calls :func:`build_zoo`. Everything is seeded, so the same data and preset
-give the same zoo. The target learns all five domains; the draft only prose + instruct,
-so math, sql and code are the drift the online loop has to learn (as in the OSD paper).
+give the same zoo. The target learns all five domains; the draft learns the target's
+next-token distribution (distillation) on prose + instruct only, so math, sql and code are
+the drift the online loop has to learn (as in the OSD paper).
 
 Training samples fixed-length windows from one token stream per domain (documents joined
 by EOS), picking each row's domain by the preset's weights, so that a small domain (sql)
@@ -45,6 +46,9 @@ class LMSpec:
     seq_len: int = 256
     lr: float = 3e-3
     warmup: int = 50
+    # learn the target's next-token distribution (forward KL) instead of the data's next
+    # token: a draft must agree with its target, not just model the same text
+    distill: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,15 @@ PRESETS: dict[str, ZooSpec] = {
     "default": ZooSpec(
         vocab_size=4096,
         target=LMSpec(hidden=288, layers=8, intermediate=768, heads=4, steps=1100, domains=_ALL),
-        draft=LMSpec(hidden=128, layers=2, intermediate=384, heads=2, steps=700, domains=_GENERAL),
+        draft=LMSpec(
+            hidden=128,
+            layers=2,
+            intermediate=384,
+            heads=2,
+            steps=1000,
+            domains=_GENERAL,
+            distill=True,
+        ),
     ),
     # Seconds-long build for tests: same code path, toy sizes.
     "micro": ZooSpec(
@@ -94,6 +106,7 @@ PRESETS: dict[str, ZooSpec] = {
             batch=2,
             seq_len=32,
             warmup=2,
+            distill=True,
         ),
         tokenizer_chars=20_000,
         max_docs=200,
@@ -193,8 +206,14 @@ def train_lm(
     streams: dict[str, torch.Tensor],
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    teacher: LlamaForCausalLM | None = None,
 ) -> tuple[LlamaForCausalLM, float]:
-    """Train from scratch with AdamW and warmup + cosine decay; returns (model, final loss)."""
+    """Train from scratch with AdamW and warmup + cosine decay; returns (model, final loss).
+
+    With ``spec.distill`` the loss is KL(teacher ‖ model) per token on the same windows.
+    """
+    if spec.distill and teacher is None:
+        raise ValueError("spec.distill needs a teacher model")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -211,7 +230,15 @@ def train_lm(
     ema = float("nan")
     for step in range(spec.steps):
         ids = sample_batch(streams, spec.domains, spec.batch, spec.seq_len, gen)
-        loss = model(input_ids=ids, labels=ids).loss
+        if spec.distill:
+            with torch.no_grad():
+                t_logp = teacher(input_ids=ids).logits.log_softmax(-1).flatten(0, 1)
+            s_logp = model(input_ids=ids).logits.log_softmax(-1).flatten(0, 1)
+            loss = torch.nn.functional.kl_div(
+                s_logp, t_logp, log_target=True, reduction="batchmean"
+            )
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -241,6 +268,7 @@ def build_zoo(
     data_dir=None,
     seed: int | None = None,
     progress: Callable[[str, int, int, float], None] | None = None,
+    only: str | None = None,
 ) -> BuildResult:
     """Build tokenizer, target and draft into ``out_dir/{target,draft}``.
 
@@ -252,17 +280,17 @@ def build_zoo(
     out = Path(out_dir)
     result = BuildResult(out_dir=out)
 
+    if only not in (None, "draft"):
+        raise ValueError(f"only must be None or 'draft', got {only!r}")
     t0 = time.perf_counter()
-    per_domain = spec.tokenizer_chars
-    texts = []
-    for d in DOMAINS:
-        budget = per_domain
-        for q in load_domain(d, "train", data_dir):
-            texts.append(q.text)
-            budget -= len(q.text)
-            if budget <= 0:
-                break
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    teacher = None
+    if only == "draft":  # keep the tokenizer and target already in out_dir
+        if not (out / "target" / "config.json").is_file():
+            raise FileNotFoundError(f"--only draft needs a built target in {out / 'target'}")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "target")
+        teacher = LlamaForCausalLM.from_pretrained(out / "target", dtype=torch.float32).eval()
+    else:
+        tokenizer = train_tokenizer(_tokenizer_texts(spec, data_dir), spec.vocab_size)
     result.seconds["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -271,12 +299,16 @@ def build_zoo(
     log.info("token streams: %s", {d: len(s) for d, s in streams.items()})
 
     for i, (role, lm) in enumerate((("target", spec.target), ("draft", spec.draft))):
+        if only is not None and role != only:
+            continue
         t0 = time.perf_counter()
         cb = None
         if progress is not None:
             cb = lambda step, loss, role=role, lm=lm: progress(role, step, lm.steps, loss)  # noqa: E731
         config = llama_config(lm, spec, tokenizer)
-        model, loss = train_lm(config, lm, {d: streams[d] for d in lm.domains}, spec.seed + i, cb)
+        model, loss = train_lm(
+            config, lm, {d: streams[d] for d in lm.domains}, spec.seed + i, cb, teacher
+        )
         result.seconds[role] = time.perf_counter() - t0
         result.final_loss[role] = loss
         meta = {
@@ -289,5 +321,20 @@ def build_zoo(
             "final_train_loss": loss,
             "train_seconds": result.seconds[role],
         }
-        save_model(model, tokenizer, out / role, meta)
+        save_model(model, tokenizer, out / role, meta)  # rounds the weights to fp16
+        if role == "target":
+            teacher = model  # the draft learns from the target exactly as shipped
     return result
+
+
+def _tokenizer_texts(spec: ZooSpec, data_dir) -> list[str]:
+    """Train-split texts, up to ``spec.tokenizer_chars`` characters per domain."""
+    texts = []
+    for d in DOMAINS:
+        budget = spec.tokenizer_chars
+        for q in load_domain(d, "train", data_dir):
+            texts.append(q.text)
+            budget -= len(q.text)
+            if budget <= 0:
+                break
+    return texts
