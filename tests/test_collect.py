@@ -57,3 +57,23 @@ def test_sampling_rate_zero_logs_nothing(models):
     while not state.finished:
         dec.step(state)
     assert collector.finish(state, "r", "draft", 0) is None
+
+
+def test_hidden_states_are_logged_from_the_verifier(models):
+    target, draft = models
+    dec = SpeculativeDecoder(target, DraftModelDrafter(draft, tree=(2, 2)))
+    dec.eos = set()
+    collector = RecordCollector(LogConfig(mode=LogMode.ALL, k=4, hidden=True))
+    collector.attach(dec)
+    state = dec.start([5, 9, 17, 33], max_new_tokens=12)
+    while not state.finished:
+        dec.step(state)
+    rec = decode(encode(collector.finish(state, "r", "draft", 0)))
+    assert rec.hidden.shape == (12, target.config.hidden_size)
+    with torch.inference_mode():
+        out = target(torch.tensor([state.tokens]), output_hidden_states=True)
+    ref = out.hidden_states[-1][0]  # [T, H]; row t-1 is the state that predicts token t
+    for i, t in enumerate(rec.positions.tolist()):
+        np.testing.assert_allclose(
+            rec.hidden[i].astype(np.float32), ref[t - 1].numpy(), atol=2e-2, rtol=1e-2
+        )

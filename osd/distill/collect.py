@@ -11,7 +11,8 @@ Which verifier row predicts which emitted token: row 0 (after the root) predicts
 first emitted token, row ``path[j] + 1`` (after the j-th accepted node) the next one.
 Worked example — tokens before the step ``[7, 8, 9]`` (positions 0..2), accepted path
 ``[0, 2]``, emitted ``[a, c, r]``: positions 3, 4, 5 are predicted by rows 0, 1, 3;
-``rejected`` mode logs only position 5 (row 3).
+``rejected`` mode logs only position 5 (row 3). With ``LogConfig(hidden=True)`` the
+verifier's last hidden state at the same rows is logged too (what head drafters train on).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class RecordCollector:
 
     def __init__(self, config: LogConfig | None = None) -> None:
         self.config = config or LogConfig()
-        self._rows: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        # per sequence: logged positions, logits rows [V], hidden rows [H] (if configured)
+        self._rows: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def attach(self, decoder) -> None:
         """Make ``decoder`` keep its verifier logits and report each step here."""
         decoder.keep_logits = True
+        decoder.keep_hidden = self.config.hidden
         previous = decoder.on_step
 
         def on_step(state: DecodeState, step: StepResult) -> None:
@@ -49,10 +52,12 @@ class RecordCollector:
         idx = list(range(len(step.emitted)))
         if self.config.mode == LogMode.REJECTED:
             idx = idx[-1:] if len(step.emitted) == len(rows) else []
-        positions, logits = self._rows.setdefault(id(state), ([], []))
+        positions, logits, hidden = self._rows.setdefault(id(state), ([], [], []))
         for j in idx:
             positions.append(first + j)
             logits.append(step.target_logits[rows[j]].detach().float().cpu())
+            if self.config.hidden and step.target_hidden is not None:
+                hidden.append(step.target_hidden[rows[j]].detach().float().cpu())
 
     def discard(self, state: DecodeState) -> None:
         self._rows.pop(id(state), None)
@@ -66,7 +71,7 @@ class RecordCollector:
         domain: str | None = None,
     ) -> DistillRecord | None:
         """The request's record, or ``None`` when it logged nothing or is not sampled."""
-        positions, logits = self._rows.pop(id(state), ([], []))
+        positions, logits, hidden = self._rows.pop(id(state), ([], [], []))
         if not positions or not should_log(request_id, self.config.rate, self.config.seed):
             return None
         return build_record(
@@ -76,6 +81,7 @@ class RecordCollector:
             positions,
             torch.stack(logits),
             k=self.config.k,
+            hidden=torch.stack(hidden) if hidden else None,
             drafter_id=drafter_id,
             version=version,
             domain=domain,

@@ -141,6 +141,7 @@ class SpeculativeDecoder:
         self.eos = _eos_ids(target, tokenizer)
         self.context = int(getattr(target.config, "max_position_embeddings", 1 << 30))
         self.keep_logits = False  # set by record loggers that need the verifier's logits
+        self.keep_hidden = False  # ... and its last hidden states (records for head drafters)
 
     # -- input boundary ----------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -220,7 +221,7 @@ class SpeculativeDecoder:
                 state.target_cache,
                 state.tokens[-1],
                 tree,
-                hidden=self.drafter.needs_hidden_states,
+                hidden=self.drafter.needs_hidden_states or self.keep_hidden,
             )
         with self.ledger.time("accept"):
             result = self._accept(state, tree, logits)
@@ -272,7 +273,8 @@ class SpeculativeDecoder:
             state.finished, state.finish_reason = True, "length"
         # KV: prefix + root + accepted path (the last emitted token stays pending)
         compact(state.target_cache, keep_slots(prefix, result.path))
-        if hidden is not None:  # target hidden states along root + accepted path
+        if hidden is not None and self.drafter.needs_hidden_states:
+            # target hidden states along root + accepted path
             rows = torch.tensor([0] + [i + 1 for i in result.path])
             state.target_hidden = hidden.index_select(0, rows.to(hidden.device))
         return StepResult(
@@ -280,6 +282,7 @@ class SpeculativeDecoder:
             accept=result,
             emitted=emitted,
             target_logits=logits if self.keep_logits else None,
+            target_hidden=hidden if self.keep_hidden else None,
         )
 
     # -- convenience -------------------------------------------------------------------

@@ -51,6 +51,7 @@ class StepResult:
     accept: AcceptResult
     emitted: list[int]  # tokens appended this step (after EOS / budget truncation)
     target_logits: torch.Tensor | None = None  # [n + 1, V] verifier logits (for logging)
+    target_hidden: torch.Tensor | None = None  # [n + 1, H] verifier last hidden states
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
