@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see osd/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
