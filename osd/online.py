@@ -208,6 +208,11 @@ def run_online(
         result.bytes_per_position = record_bytes / max(record_positions, 1)
         if progress is not None:
             progress(entry, result)
+        if (req.index + 1) % cfg.window == 0:
+            w = result.windows()[-1]
+            log.info("request %d (%s): α online %.3f frozen %.3f, live v%d, %d trainer steps",
+                     req.index + 1, w["domain"], w["alpha_online"], w["alpha_frozen"],
+                     serving.version, trainer.steps)
     return result
 
 
