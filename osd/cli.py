@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +50,9 @@ def _main(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # SIGTERM → SystemExit, so `finally` blocks and atexit hooks run (an embedded
+    # redis-server is stopped, temp dirs removed) when a job is killed politely
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @zoo_app.command("build")
