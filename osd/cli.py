@@ -336,7 +336,7 @@ def online(
 
     from osd.buffer import RedisStreamBuffer, connect
     from osd.models import load_model, load_tokenizer
-    from osd.online import OnlineConfig, plot_online, run_online
+    from osd.online import OnlineConfig, plot_online, pooled_alpha, run_online
 
     try:
         cfg = OnlineConfig(
@@ -371,8 +371,7 @@ def online(
 
             def progress(entry, result):
                 w = result.requests[-cfg.window :]
-                on = sum(r.accepted_online for r in w) / max(1, sum(r.proposed_online for r in w))
-                fr = sum(r.accepted_frozen for r in w) / max(1, sum(r.proposed_frozen for r in w))
+                on, fr = pooled_alpha(w, "online"), pooled_alpha(w, "frozen")
                 bar.update(
                     task,
                     advance=1,

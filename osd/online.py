@@ -93,8 +93,8 @@ class OnlineResult:
                 {
                     "start": start,
                     "domain": Counter(r.domain for r in chunk).most_common(1)[0][0],
-                    "alpha_online": _pooled(chunk, "online"),
-                    "alpha_frozen": _pooled(chunk, "frozen"),
+                    "alpha_online": pooled_alpha(chunk, "online"),
+                    "alpha_frozen": pooled_alpha(chunk, "frozen"),
                     "version": chunk[-1].version,
                 }
             )
@@ -105,7 +105,7 @@ class OnlineResult:
         out = {}
         for d in dict.fromkeys(r.domain for r in self.requests):
             rs = [r for r in self.requests if r.domain == d][-last:]
-            on, fr = _pooled(rs, "online"), _pooled(rs, "frozen")
+            on, fr = pooled_alpha(rs, "online"), pooled_alpha(rs, "frozen")
             out[d] = {"gain": on - fr, "alpha_online": on, "alpha_frozen": fr, "requests": len(rs)}
         return out
 
@@ -126,7 +126,7 @@ class OnlineResult:
         }
 
 
-def _pooled(rows: list[RequestLog], which: str) -> float:
+def pooled_alpha(rows: list[RequestLog], which: str) -> float:
     """Accepted ÷ proposed over ``rows`` for the ``online`` or ``frozen`` draft."""
     proposed = sum(getattr(r, f"proposed_{which}") for r in rows)
     return sum(getattr(r, f"accepted_{which}") for r in rows) / proposed if proposed else 0.0
@@ -210,9 +210,15 @@ def run_online(
             progress(entry, result)
         if (req.index + 1) % cfg.window == 0:
             w = result.windows()[-1]
-            log.info("request %d (%s): α online %.3f frozen %.3f, live v%d, %d trainer steps",
-                     req.index + 1, w["domain"], w["alpha_online"], w["alpha_frozen"],
-                     serving.version, trainer.steps)
+            log.info(
+                "request %d (%s): α online %.3f frozen %.3f, live v%d, %d trainer steps",
+                req.index + 1,
+                w["domain"],
+                w["alpha_online"],
+                w["alpha_frozen"],
+                serving.version,
+                trainer.steps,
+            )
     return result
 
 
