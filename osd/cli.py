@@ -416,5 +416,13 @@ def online(
         console.print(f"wrote {plot}")
 
 
+from osd.cli_cluster import demo, launch, replay, serve  # noqa: E402  (Ray imported lazily)
+
+app.command()(demo)
+app.command()(serve)
+app.command()(launch)
+app.command()(replay)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -202,7 +202,7 @@ def run_online(
             if trainer.step() is None:
                 break
             if trainer.should_publish():
-                _publish(registry, trainer, gate, serving, list(holdout), dcfg, result)
+                _publish(draft, registry, trainer, gate, serving, list(holdout), dcfg, result)
                 trainer.mark_published()
         result.trainer_steps = trainer.steps
         result.bytes_per_position = record_bytes / max(record_positions, 1)
@@ -223,6 +223,7 @@ def run_online(
 
 
 def _publish(
+    base,
     registry: Registry,
     trainer: OnlineDistiller,
     gate: PromotionGate,
@@ -231,7 +232,11 @@ def _publish(
     dcfg: DistillConfig,
     result: OnlineResult,
 ) -> None:
-    """Publish the trainer's weights, gate them on held-out records, hot-swap if promoted."""
+    """Publish the trainer's weights, gate them on held-out records, hot-swap if promoted.
+
+    A LoRA adapter is cumulative (trained on the base since the start), so it is merged
+    into ``base`` — the untouched initial draft — never into the already-merged serving copy.
+    """
     weights, kind = trainer.export()
     live = registry.live_version(DRAFTER_ID)
     info = registry.publish(
@@ -252,7 +257,7 @@ def _publish(
     )
     trainer.model.train()
     if decision.promote:
-        new = weights if kind == "full" else merge_adapter(serving.model, weights, dcfg)
+        new = weights if kind == "full" else merge_adapter(base, weights, dcfg)
         serving.load_state_dict(new, info.version)  # between requests: never mid-step
     result.versions.append(
         {

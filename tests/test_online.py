@@ -12,8 +12,14 @@ from osd.online import OnlineConfig, plot_online, run_online
 def test_online_draft_learns_the_drifted_domain(tmp_path, data_dir):
     target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
     tok = load_tokenizer("zoo:target")
-    cfg = OnlineConfig(schedule="switch:instruct>sql@10", n=90, max_new_tokens=24,
-                       publish_every_steps=8, window=10, lr=1e-3)
+    cfg = OnlineConfig(
+        schedule="switch:instruct>sql@10",
+        n=90,
+        max_new_tokens=24,
+        publish_every_steps=8,
+        window=10,
+        lr=1e-3,
+    )
     with EmbeddedRedis() as server:
         buffer = RedisStreamBuffer(server.url, maxlen=cfg.maxlen)
         result = run_online(target, draft, tok, buffer, cfg, data_dir=data_dir)

@@ -1,0 +1,259 @@
+"""The topology of an OSD deployment: models, buffer, registry, replicas, trainers.
+
+One :class:`ClusterConfig` describes everything ``osd serve``, ``osd launch`` and
+``osd demo`` start; ``deploy/local.yaml`` is its YAML form (every key optional)::
+
+    target: zoo:target
+    draft: zoo:draft
+    buffer: {url: null, log_mode: all}      # null: $REDIS_URL, else a private redis-server
+    serve: {replicas: 1, num_cpus: 1, port: 8000}
+    trainer: {count: 1, num_cpus: 0.5, loss: fkl, lr: 0.0003}
+
+Unknown keys are errors (a typo must not silently fall back to a default). The config
+travels to the actors as a plain dict (:meth:`ClusterConfig.to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "REGISTRY_ACTOR",
+    "BufferConfig",
+    "ClusterConfig",
+    "RegistryConfig",
+    "ServeConfig",
+    "TrainerConfig",
+    "load_config",
+    "runtime_env",
+]
+
+REGISTRY_ACTOR = "osd-registry"
+TRAINER_ACTOR = "osd-trainer-{}"
+SERVE_APP = "osd"
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+@dataclass
+class BufferConfig:
+    """The Redis stream buffer and what replicas log into it."""
+
+    url: str | None = None  # redis://[:password@]host:port/db; None: $REDIS_URL, else embedded
+    maxlen: int = 10_000  # stream bound (XADD MAXLEN ~)
+    log_mode: str = "all"  # all | rejected (OSD)
+    topk: int = 16  # target top-k logged per position
+    log_rate: float = 1.0  # fraction of requests logged
+    holdout_every: int = 8  # every N-th record goes to the gate's held-out stream
+
+    def validate(self) -> None:
+        _need(self.url is None or isinstance(self.url, str), "buffer.url must be a string")
+        _need(_int(self.maxlen, 1), f"buffer.maxlen must be an int >= 1, got {self.maxlen!r}")
+        _need(self.log_mode in ("all", "rejected"), "buffer.log_mode must be all or rejected")
+        _need(_int(self.topk, 1), f"buffer.topk must be an int >= 1, got {self.topk!r}")
+        _need(_num(self.log_rate) and 0 <= self.log_rate <= 1, "buffer.log_rate must be in [0, 1]")
+        _need(_int(self.holdout_every, 2), "buffer.holdout_every must be an int >= 2")
+
+
+@dataclass
+class RegistryConfig:
+    """Where versions persist, the promotion gate, and how replicas learn of versions."""
+
+    store: str = "redis"  # "redis" (the buffer's Redis) or a directory (DiskStore)
+    gate_margin: float = 0.01  # promote iff candidate >= live - margin
+    gate_min_records: int = 1
+    holdout_size: int = 32  # recent held-out records the gate evaluates on
+    poll_s: float = 0.2  # replicas poll the live version this often (a dict lookup)
+    num_cpus: float = 0.25
+
+    def validate(self) -> None:
+        _need(isinstance(self.store, str) and bool(self.store), "registry.store must be set")
+        _need(_num(self.gate_margin), "registry.gate_margin must be a number")
+        _need(_int(self.gate_min_records, 1), "registry.gate_min_records must be an int >= 1")
+        _need(_int(self.holdout_size, 1), "registry.holdout_size must be an int >= 1")
+        _need(_num(self.poll_s) and self.poll_s > 0, "registry.poll_s must be > 0")
+        _need(_num(self.num_cpus) and self.num_cpus >= 0, "registry.num_cpus must be >= 0")
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve replicas and their HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional: several replicas (and trainers) share a GPU
+    max_active: int = 8  # sequences decoded round-robin per replica
+    max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
+    threads: int = 1  # torch intra-op threads per replica (1 on small CPUs)
+
+    def validate(self) -> None:
+        _need(isinstance(self.host, str) and bool(self.host), "serve.host must be set")
+        _need(_int(self.port, 1) and self.port < 65536, f"serve.port invalid: {self.port!r}")
+        _need(_int(self.replicas, 1), "serve.replicas must be an int >= 1")
+        _need(_num(self.num_cpus) and self.num_cpus >= 0, "serve.num_cpus must be >= 0")
+        _need(_num(self.num_gpus) and self.num_gpus >= 0, "serve.num_gpus must be >= 0")
+        _need(_int(self.max_active, 1), "serve.max_active must be an int >= 1")
+        _need(_int(self.max_ongoing_requests, 1), "serve.max_ongoing_requests must be >= 1")
+        _need(_int(self.threads, 1), "serve.threads must be an int >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """Trainer actors (consumers of one group on the buffer) and their distillation."""
+
+    count: int = 1  # 0: serve without online learning
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    threads: int = 1
+    loss: str = "fkl"
+    lora: bool = False
+    lr: float | None = 3e-4
+    batch_records: int = 8
+    publish_every_steps: int | None = 16
+    publish_every_s: float | None = 30.0
+    max_steps_per_s: float | None = None  # compute budget: serving stays first
+
+    def validate(self) -> None:
+        _need(_int(self.count, 0), "trainer.count must be an int >= 0")
+        _need(_num(self.num_cpus) and self.num_cpus >= 0, "trainer.num_cpus must be >= 0")
+        _need(_num(self.num_gpus) and self.num_gpus >= 0, "trainer.num_gpus must be >= 0")
+        _need(_int(self.threads, 1), "trainer.threads must be an int >= 1")
+        self.distill_config()  # DistillConfig checks the rest with its own messages
+
+    def distill_config(self):
+        from osd.distill.trainer import DistillConfig
+
+        return DistillConfig(
+            loss=self.loss,
+            lora=self.lora,
+            lr=self.lr,
+            batch_records=self.batch_records,
+            publish_every_steps=self.publish_every_steps,
+            publish_every_s=self.publish_every_s,
+            max_steps_per_s=self.max_steps_per_s,
+        )
+
+
+_SECTIONS = {
+    "buffer": BufferConfig,
+    "registry": RegistryConfig,
+    "serve": ServeConfig,
+    "trainer": TrainerConfig,
+}
+
+
+@dataclass
+class ClusterConfig:
+    """The whole topology; see the module docstring."""
+
+    model_name: str = "osd"  # the id clients pass as ``model``
+    target: str = "zoo:target"
+    draft: str = "zoo:draft"
+    drafter_id: str = "draft"
+    k: int = 4  # draft length (chain)
+    namespace: str = "osd"  # Ray namespace of the named actors
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> ClusterConfig:
+        from osd.registry import check_drafter_id
+
+        for name in ("model_name", "target", "draft", "namespace"):
+            value = getattr(self, name)
+            _need(isinstance(value, str) and bool(value), f"{name} must be a non-empty string")
+        check_drafter_id(self.drafter_id)
+        _need(_int(self.k, 1), f"k must be an int >= 1, got {self.k!r}")
+        for name in _SECTIONS:
+            getattr(self, name).validate()
+        return self
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.buffer.url or os.environ.get("REDIS_URL") or None
+
+    @property
+    def trainer_names(self) -> list[str]:
+        return [TRAINER_ACTOR.format(i) for i in range(self.trainer.count)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any] | None) -> ClusterConfig:
+        doc = dict(doc or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(doc) - known)
+        _need(not unknown, f"unknown config keys {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in doc.items():
+            section = _SECTIONS.get(key)
+            if section is None:
+                kwargs[key] = value
+                continue
+            value = value or {}
+            if isinstance(value, section):
+                kwargs[key] = value
+                continue
+            _need(isinstance(value, dict), f"{key} must be a mapping, got {type(value).__name__}")
+            fields = {f.name for f in dataclasses.fields(section)}
+            bad = sorted(set(value) - fields)
+            _need(not bad, f"unknown keys in {key}: {bad}; known: {sorted(fields)}")
+            kwargs[key] = section(**value)
+        return cls(**kwargs).validate()
+
+
+def runtime_env() -> dict[str, Any]:
+    """The Ray ``runtime_env`` of replicas and actors: what they need from this process's
+    environment (zoo location, offline Hub, one OpenMP thread on small CPUs)."""
+    env = {
+        "OSD_ZOO_DIR": os.environ.get("OSD_ZOO_DIR"),
+        "OSD_DATA_DIR": os.environ.get("OSD_DATA_DIR"),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    return {"env_vars": {k: v for k, v in env.items() if v is not None}}
+
+
+def load_config(path: str | os.PathLike[str] | None, **overrides: Any) -> ClusterConfig:
+    """Read a YAML topology (``None``: the defaults) and apply dotted overrides,
+    e.g. ``load_config("deploy/local.yaml", **{"serve.port": 8001})``."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        _need(isinstance(loaded, dict), f"{p} must hold a mapping at the top level")
+        doc = loaded
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return ClusterConfig.from_dict(doc)

@@ -1,0 +1,242 @@
+"""The registry actor: versions of the drafter, the promotion gate, the live pointer.
+
+A named, restartable Ray actor that owns an :class:`osd.registry.Registry`. Its store is
+Redis (:class:`~osd.actors.redis_store.RedisStore`, default) or a directory
+(:class:`~osd.registry.DiskStore`), so a restarted actor has every version and the live
+pointer. The flow of one version:
+
+1. a trainer calls :meth:`RegistryActor.publish` with safetensors bytes;
+2. ``Registry.publish`` validates names, shapes, dtypes, finiteness and checksum — bad
+   weights never get a version;
+3. ``Registry.gate_and_promote`` estimates the candidate's and the live draft's
+   acceptance on the held-out records (``<drafter_id>.holdout``, which replicas fill and
+   trainers never read) without running the target, and promotes or rejects;
+4. replicas poll :meth:`live_version` (a dict lookup), fetch :meth:`serving_weights`
+   (full weights; LoRA adapters merged onto the base here, once) and adopt them between
+   decode steps, then :meth:`report_adoption` with their pause.
+
+Runs threaded (``max_concurrency``): polls are answered while a gate evaluates; publishes
+are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+from osd.actors.config import ClusterConfig
+from osd.actors.record_sink import holdout_stream
+
+from osd.buffer import RedisStreamBuffer
+from osd.distill.lora import merge_adapter
+from osd.distill.record import RecordError, decode
+from osd.models import load_model
+from osd.registry import (
+    DiskStore,
+    PromotionGate,
+    Registry,
+    checksum,
+    weights_from_bytes,
+    weights_to_bytes,
+)
+
+__all__ = ["RegistryActor"]
+
+log = logging.getLogger(__name__)
+
+
+class RegistryActor:
+    """Owns the registry, the gate's held-out records and the replicas' adoption reports."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        torch.set_num_threads(1)
+        self.cfg = cfg = ClusterConfig.from_dict(config)
+        import redis
+
+        url = cfg.redis_url
+        if url is None:
+            raise ValueError("the registry actor needs a Redis URL (buffer.url or $REDIS_URL)")
+        self.client = redis.Redis.from_url(url)
+        if cfg.registry.store == "redis":
+            from osd.actors.redis_store import RedisStore
+
+            store = RedisStore(self.client)
+        else:
+            store = DiskStore(cfg.registry.store)
+        self.registry = Registry(store)
+        self.drafter_id = cfg.drafter_id
+        self.base = load_model(cfg.draft, "cpu")
+        self.registry.register_base(
+            cfg.drafter_id, self.base.state_dict(), provenance={"source": cfg.draft}
+        )
+        self.gate = PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records)
+        self.distill = cfg.trainer.distill_config()
+        self.holdout_buffer = RedisStreamBuffer(
+            self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
+        )
+        self.holdout: deque = deque(maxlen=cfg.registry.holdout_size)
+        # a restarted actor refills its window from the stream: rewind the gate's group
+        with contextlib.suppress(redis.ResponseError):
+            key = self.holdout_buffer.key(holdout_stream(cfg.drafter_id))
+            self.client.xgroup_setid(key, "gate", id="0")
+        self._publish_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._serving_cache: dict[int, tuple[bytes, str]] = {}
+        self._live_model: tuple[int, torch.nn.Module] | None = None
+        self.decisions: list[dict[str, Any]] = []
+        self.adoptions: list[dict[str, Any]] = []
+        live = self.registry.live_version(cfg.drafter_id)
+        log.info("registry up: %s live v%d", cfg.drafter_id, live)
+
+    # -- reads (cheap: polled by replicas) -----------------------------------------------
+    def live_version(self, drafter_id: str) -> int:
+        return self.registry.live_version(drafter_id)
+
+    def versions(self, drafter_id: str) -> list[dict[str, Any]]:
+        return [v.to_dict() for v in self.registry.versions(drafter_id)]
+
+    def raw_weights(self, drafter_id: str, version: int | None = None) -> tuple[int, str, bytes]:
+        """(version, kind, stored bytes) — what a restarting trainer resumes from."""
+        if version is None:
+            info = self.registry.live(drafter_id)
+        else:
+            info = self.registry.info(drafter_id, version)
+        return info.version, info.kind, self.registry.weight_bytes(drafter_id, info.version)
+
+    def serving_weights(self, drafter_id: str, version: int) -> tuple[bytes, str]:
+        """Full weights of ``version`` as safetensors bytes and their sha256."""
+        with self._lock:
+            hit = self._serving_cache.get(version)
+        if hit is not None:
+            return hit
+        info = self.registry.info(drafter_id, version)
+        data = self.registry.weight_bytes(drafter_id, version)
+        if info.kind == "lora":
+            base = weights_from_bytes(self.registry.weight_bytes(drafter_id, 0))
+            model = copy.deepcopy(self.base)
+            model.load_state_dict(base)
+            data = weights_to_bytes(merge_adapter(model, weights_from_bytes(data), self.distill))
+        out = (data, checksum(data))
+        with self._lock:
+            self._serving_cache = {v: d for v, d in self._serving_cache.items() if v > version - 3}
+            self._serving_cache[version] = out
+        return out
+
+    # -- publish → gate → promote --------------------------------------------------------
+    def publish(
+        self,
+        drafter_id: str,
+        data: bytes,
+        kind: str,
+        provenance: dict[str, Any],
+        digest: str | None = None,
+    ) -> dict[str, Any]:
+        """Validate, store, gate and promote or reject one candidate; returns the decision."""
+        with self._publish_lock:
+            self._refresh_holdout(drafter_id)
+            live = self.registry.live_version(drafter_id)
+            info = self.registry.publish(
+                drafter_id, data, provenance, checksum=digest, kind=kind, parent=live
+            )
+            candidate = self._model_for(drafter_id, info.version)
+            live_model = self._live_for(drafter_id, live)
+            records = list(self.holdout)
+            decision = self.registry.gate_and_promote(
+                drafter_id, info.version, self.gate, candidate, live_model, records
+            )
+            if decision.promote:
+                self._live_model = (info.version, candidate)
+            out = {
+                "version": info.version,
+                "promoted": decision.promote,
+                "candidate": decision.candidate,
+                "live": decision.live,
+                "live_version": live,
+                "records": decision.records,
+                "reason": decision.reason,
+                "time": time.time(),
+                "provenance": info.provenance,
+            }
+            self.decisions.append(out)
+        log.info(
+            "%s v%d %s: %s",
+            drafter_id,
+            info.version,
+            "promoted" if decision.promote else "rejected",
+            decision.reason,
+        )
+        return out
+
+    def _refresh_holdout(self, drafter_id: str) -> None:
+        """Pull new held-out records (the gate's consumer group) into the recent window."""
+        stream = holdout_stream(drafter_id)
+        vocab = int(self.base.config.vocab_size)
+        while True:
+            entries = self.holdout_buffer.read(stream, count=64)
+            if not entries:
+                return
+            for e in entries:
+                try:
+                    self.holdout.append(decode(e.data, vocab))
+                except RecordError as err:
+                    log.warning("dropping malformed held-out record %s: %s", e.id, err)
+            self.holdout_buffer.ack(stream, [e.id for e in entries])
+
+    def _model_for(self, drafter_id: str, version: int) -> torch.nn.Module:
+        data, _ = self.serving_weights(drafter_id, version)
+        model = copy.deepcopy(self.base)
+        model.load_state_dict(weights_from_bytes(data))
+        return model.eval()
+
+    def _live_for(self, drafter_id: str, live: int) -> torch.nn.Module:
+        if self._live_model is None or self._live_model[0] != live:
+            self._live_model = (live, self._model_for(drafter_id, live))
+        return self._live_model[1]
+
+    def rollback(self, drafter_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
+        """Put the previously live version back; replicas adopt it at their next poll."""
+        with self._publish_lock:
+            info = self.registry.rollback(drafter_id, reason)
+        return info.to_dict()
+
+    # -- what replicas report ------------------------------------------------------------
+    def report_adoption(self, replica: str, version: int, pause_s: float, waited_s: float) -> None:
+        with self._lock:
+            self.adoptions.append(
+                {
+                    "replica": replica,
+                    "version": version,
+                    "pause_ms": 1e3 * pause_s,
+                    "waited_ms": 1e3 * waited_s,
+                    "time": time.time(),
+                }
+            )
+
+    def report(self) -> dict[str, Any]:
+        """Versions, gate decisions and adoptions (for the demo and operators)."""
+        with self._lock:
+            adoptions = list(self.adoptions)
+        try:
+            with self._publish_lock:
+                self._refresh_holdout(self.drafter_id)
+            holdout_len = self.holdout_buffer.length(holdout_stream(self.drafter_id))
+        except Exception:  # Redis gone: the report is still useful
+            holdout_len = -1
+        return {
+            "drafter_id": self.drafter_id,
+            "live_version": self.registry.live_version(self.drafter_id),
+            "versions": self.versions(self.drafter_id),
+            "decisions": list(self.decisions),
+            "adoptions": adoptions,
+            "holdout_records": len(self.holdout),
+            "holdout_stream_length": holdout_len,
+        }
+
+    def ping(self) -> bool:
+        return True

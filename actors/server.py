@@ -1,0 +1,333 @@
+"""The serving replica: a Ray Serve deployment with an OpenAI-compatible HTTP API.
+
+Each replica owns an :class:`osd.serving.ServingLoop` (target + drafter, speculative
+decoding, hot-swaps between steps) and wires it to:
+
+- HTTP (FastAPI ingress): ``POST /v1/completions`` (JSON or server-sent events),
+  ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), and
+  ``GET /v1/osd/stats`` (this replica's version, swaps and record counts);
+- the buffer: a :class:`~osd.actors.record_sink.RecordSink` writes each finished
+  request's distill record to Redis after the response is delivered;
+- the registry actor: a thread polls the live version (a dict lookup, every
+  ``registry.poll_s``), fetches new weights, checks their sha256 and shapes, and offers
+  them to the loop, which adopts them before its next step; adoptions are reported back.
+
+Bad requests get a 4xx with an OpenAI-style error body (``osd.actors.openai_api``) and
+never reach the loop. :func:`app_builder` is the import path for ``serve run`` / KubeRay.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from osd.actors.config import REGISTRY_ACTOR, ClusterConfig, runtime_env
+from osd.actors.metrics import CONTENT_TYPE_LATEST, ReplicaMetrics
+from osd.actors.openai_api import (
+    ApiError,
+    CompletionParams,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    parse_completion,
+    sse,
+)
+from osd.actors.record_sink import RecordSink
+from ray import serve
+
+from osd.distill.collect import RecordCollector
+from osd.distill.record import LogConfig
+from osd.models import load_model, load_tokenizer
+from osd.registry import (
+    WeightValidationError,
+    check_weights,
+    checksum,
+    spec_of,
+    weights_from_bytes,
+)
+from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
+from osd.spec.drafters.draft_model import DraftModelDrafter
+from osd.spec.engine import SpeculativeDecoder
+
+__all__ = ["OSDServer", "api", "app_builder", "build_app"]
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="OSD", description="Speculative decoding with online-distilled drafts.")
+
+
+def _error(err: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=err.status, content=err.body())
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@serve.deployment(name="OSDServer", health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress(api)
+class OSDServer:
+    """One serving replica; see the module docstring."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+        import redis
+
+        from osd.buffer import RedisStreamBuffer
+
+        self.cfg = cfg = ClusterConfig.from_dict(config)
+        torch.set_num_threads(cfg.serve.threads)
+        device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.replica = _replica_id()
+        self.started = int(time.time())
+        target, draft = load_model(cfg.target, device), load_model(cfg.draft, device)
+        self.tokenizer = load_tokenizer(cfg.target)
+        drafter = DraftModelDrafter(draft, k=cfg.k)
+        self.reference = spec_of(drafter.state_dict())
+        decoder = SpeculativeDecoder(target, drafter, self.tokenizer)
+        self.context = decoder.context
+        self.vocab = int(target.config.vocab_size)
+        self.metrics = ReplicaMetrics(cfg.model_name, cfg.drafter_id)
+        buffer = RedisStreamBuffer(
+            redis.Redis.from_url(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
+        )
+        self.sink = RecordSink(
+            buffer, cfg.drafter_id, cfg.buffer.holdout_every, on_write=self.metrics.observe_record
+        )
+        log_cfg = LogConfig(mode=cfg.buffer.log_mode, k=cfg.buffer.topk, rate=cfg.buffer.log_rate)
+        self.loop = ServingLoop(
+            decoder,
+            drafter_id=cfg.drafter_id,
+            collector=RecordCollector(log_cfg),
+            on_record=self.sink.submit,
+            on_swap=self._on_swap,
+            max_active=cfg.serve.max_active,
+        ).start()
+        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
+        self._poller.start()
+        log.info("replica %s up on %s (context %d)", self.replica, device, self.context)
+
+    # -- versions --------------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Follow the registry's live pointer; fetch, verify and offer new weights."""
+        import ray
+
+        did, backoff = self.cfg.drafter_id, self.cfg.registry.poll_s
+        while not self._stop.wait(backoff):
+            try:
+                live = ray.get(self.registry.live_version.remote(did), timeout=30)
+                if live not in (self.loop.version, self.loop.pending_version):
+                    data, digest = ray.get(
+                        self.registry.serving_weights.remote(did, live), timeout=120
+                    )
+                    if checksum(data) != digest:
+                        raise WeightValidationError(f"{did} v{live}: checksum mismatch in transit")
+                    weights = weights_from_bytes(data)
+                    check_weights(weights, self.reference, f"{did} v{live}")
+                    self.loop.offer_weights(weights, live)
+                backoff = self.cfg.registry.poll_s
+            except Exception as err:  # registry restarting, network: keep serving, retry
+                log.warning("version poll failed (%s); serving v%d", err, self.loop.version)
+                backoff = min(max(2 * backoff, 0.5), 10.0)
+
+    def _on_swap(self, event: SwapEvent) -> None:
+        self.metrics.observe_swap(event)
+        self.registry.report_adoption.remote(
+            self.replica, event.version, event.pause_s, event.waited_s
+        )
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose loop died is restarted."""
+        if not self.loop.alive:
+            raise RuntimeError("the serving loop thread is not running")
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            self.loop.stop(timeout_s=5)
+            self.sink.close(timeout_s=5)
+
+    # -- HTTP ------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        running, waiting = self.loop.load
+        body = {
+            "status": "ok" if self.loop.alive else "error",
+            "replica": self.replica,
+            "drafter_version": self.loop.version,
+            "running": running,
+            "waiting": waiting,
+        }
+        return JSONResponse(status_code=200 if self.loop.alive else 503, content=body)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        card = {
+            "id": self.cfg.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "osd",
+            "root": self.cfg.target,
+            "max_model_len": self.context,
+            "osd": {
+                "draft": self.cfg.draft,
+                "drafter_id": self.cfg.drafter_id,
+                "drafter_version": self.loop.version,
+                "k": self.cfg.k,
+            },
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        running, waiting = self.loop.load
+        self.metrics.set_load(running, waiting, self.loop.version)
+        return Response(content=self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/osd/stats")
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "drafter_version": self.loop.version,
+            "finished": self.loop.finished,
+            "failed": self.loop.failed,
+            "records_written": self.sink.written,
+            "records_dropped": self.sink.dropped,
+            "records_backlog": self.sink.backlog,
+            "swaps": [
+                {"version": s.version, "pause_ms": 1e3 * s.pause_s, "in_flight": s.in_flight}
+                for s in self.loop.swaps
+            ],
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return _error(ApiError(f"the request body is not valid JSON: {err}"))
+        try:
+            params = parse_completion(body, self.cfg.model_name)
+            serve_req = self._to_request(params)
+        except ApiError as err:
+            return _error(err)
+        cid = serve_req.request_id
+        events: asyncio.Queue[Delta] = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+        self.loop.submit(serve_req, lambda d: aloop.call_soon_threadsafe(events.put_nowait, d))
+        if params.stream:
+            return StreamingResponse(self._stream(cid, events), media_type="text/event-stream")
+        try:
+            while True:
+                delta = await events.get()
+                if delta.final:
+                    break
+        except asyncio.CancelledError:  # client went away
+            self.loop.cancel(cid)
+            raise
+        if delta.error is not None:
+            return self._failure(delta.error)
+        self.metrics.observe_result(delta.result)
+        return JSONResponse(
+            completion_response(cid, self.cfg.model_name, delta.result, self.cfg.drafter_id)
+        )
+
+    async def _stream(self, cid: str, events: asyncio.Queue[Delta]):
+        model, finished = self.cfg.model_name, False
+        try:
+            while True:
+                delta = await events.get()
+                if delta.error is not None:
+                    yield sse(self._failure_body(delta.error))
+                    break
+                if delta.result is not None:
+                    self.metrics.observe_result(delta.result)
+                    chunk = completion_chunk(
+                        cid, model, delta.text, delta.result, self.cfg.drafter_id
+                    )
+                    yield sse(chunk)
+                    break
+                yield sse(completion_chunk(cid, model, delta.text))
+            finished = True
+            yield sse("[DONE]")
+        finally:
+            if not finished:  # the client disconnected mid-stream
+                self.loop.cancel(cid)
+
+    def _to_request(self, params: CompletionParams) -> ServeRequest:
+        """Tokenise and check the prompt against the context and vocabulary (→ 400)."""
+        if isinstance(params.prompt, str):
+            ids = self.tokenizer(params.prompt, add_special_tokens=False).input_ids
+        else:
+            ids = params.prompt
+            bad = [t for t in ids if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(
+                    f"prompt has token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}",
+                    param="prompt",
+                )
+        if not ids:
+            raise ApiError("prompt is empty after tokenisation", param="prompt")
+        if len(ids) + params.max_tokens > self.context:
+            raise ApiError(
+                f"prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; the "
+                f"model's context is {self.context} tokens: shorten the prompt or lower "
+                "max_tokens",
+                param="prompt" if len(ids) >= self.context else "max_tokens",
+                code="context_length_exceeded",
+            )
+        return ServeRequest(
+            request_id=new_id(),
+            prompt_ids=list(ids),
+            max_new_tokens=params.max_tokens,
+            sampling=params.sampling,
+            stop=params.stop,
+            domain=params.domain,
+        )
+
+    def _failure_body(self, err: BaseException) -> dict[str, Any]:
+        self.metrics.observe_failure()
+        if isinstance(err, ValueError):
+            return error_body(str(err))
+        return error_body(f"internal error: {type(err).__name__}: {err}", "server_error")
+
+    def _failure(self, err: BaseException) -> JSONResponse:
+        status = 400 if isinstance(err, ValueError) else 500
+        return JSONResponse(status_code=status, content=self._failure_body(err))
+
+
+def build_app(cfg: ClusterConfig):
+    """The Serve application for ``cfg`` (replicas, resources, the config itself)."""
+    return OSDServer.options(
+        num_replicas=cfg.serve.replicas,
+        max_ongoing_requests=cfg.serve.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": cfg.serve.num_cpus,
+            "num_gpus": cfg.serve.num_gpus,
+            "runtime_env": runtime_env(),
+        },
+    ).bind(cfg.to_dict())
+
+
+def app_builder(args: dict[str, Any]):
+    """``serve run osd.actors.server:app_builder`` / KubeRay ``import_path``: ``args`` is a
+    :class:`ClusterConfig` dict; the registry and trainer actors are created if missing."""
+    from osd.actors.cluster import ensure_backend
+
+    cfg = ClusterConfig.from_dict(args)
+    ensure_backend(cfg, detached=True)
+    return build_app(cfg)

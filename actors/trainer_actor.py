@@ -1,0 +1,143 @@
+"""A trainer actor: one consumer of the buffer's group, distilling the draft, publishing.
+
+A named, restartable Ray actor that owns an :class:`osd.distill.trainer.OnlineDistiller`
+on a :class:`~osd.buffer.RedisStreamBuffer` whose consumer name is the actor's name. It
+trains on a thread of its own (``OnlineDistiller.run``) and, when the distiller says so,
+publishes the weights to the registry actor as safetensors bytes with their sha256.
+
+Restart: the new incarnation resumes from the registry's live version (its weights, or
+its LoRA adapter) and — same consumer name — first re-reads the entries its predecessor
+held un-acked, so no record is lost (at-least-once, DESIGN §4). Records of a consumer
+that never comes back are reclaimed by the others after ``reclaim_idle_ms``.
+
+Controls for experiments: :meth:`pause` / :meth:`resume` the training thread, and
+:meth:`set_publishing` (train without publishing: the served weights stay fixed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
+
+from osd.buffer import RedisStreamBuffer
+from osd.distill.trainer import OnlineDistiller
+from osd.models import load_model
+from osd.registry import checksum, weights_from_bytes, weights_to_bytes
+
+__all__ = ["TrainerActor"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainerActor:
+    """See the module docstring. ``name`` is the Ray actor name and the consumer name."""
+
+    def __init__(self, config: dict[str, Any], name: str) -> None:
+        import ray
+        import redis
+
+        self.cfg = cfg = ClusterConfig.from_dict(config)
+        torch.set_num_threads(cfg.trainer.threads)
+        self.name = name
+        self.drafter_id = cfg.drafter_id
+        device = "cuda" if cfg.trainer.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
+        buffer = RedisStreamBuffer(
+            redis.Redis.from_url(cfg.redis_url), consumer=name, maxlen=cfg.buffer.maxlen
+        )
+        model = load_model(cfg.draft, device)
+        version, kind, data = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
+        dcfg = cfg.trainer.distill_config()
+        if kind == "full":
+            model.load_state_dict(weights_from_bytes(data))
+        self.distiller = OnlineDistiller(model, buffer, cfg.drafter_id, dcfg)
+        if kind == "lora":
+            if not dcfg.lora:
+                raise ValueError("the live version is a LoRA adapter; set trainer.lora: true")
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.distiller.model, weights_from_bytes(data))
+        self.resumed_from = version
+        self.publishing = True
+        self.decisions: list[dict[str, Any]] = []
+        self.errors = 0
+        self._run = threading.Event()
+        self._run.set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-train", daemon=True)
+        self._thread.start()
+        log.info("%s up on %s, resumed from v%d (%s)", name, device, version, kind)
+
+    # -- training thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        d = self.distiller
+        while not self._stop.is_set():
+            if not self._run.wait(0.2):
+                continue
+            try:  # OnlineDistiller.run: steps, publishes via _publish, retries failed publishes
+                d.run(
+                    until=lambda: self._stop.is_set() or not self._run.is_set(),
+                    idle_sleep_s=0.05,
+                    on_publish=self._publish,
+                )
+            except Exception:  # a failed step leaves its batch pending: redelivered later
+                self.errors += 1
+                log.exception("%s: training step failed; retrying in 1 s", self.name)
+                time.sleep(1.0)
+
+    def _publish(self, d: OnlineDistiller) -> None:
+        """Hand the weights to the registry (which validates, gates and maybe promotes)."""
+        if not self.publishing:
+            return
+        import ray
+
+        weights, kind = d.export()
+        data = weights_to_bytes(weights)
+        provenance = {
+            "trainer": self.name,
+            "steps": d.steps,
+            "records_seen": d.records_seen,
+            "loss": d.config.loss,
+        }
+        decision = ray.get(
+            self.registry.publish.remote(self.drafter_id, data, kind, provenance, checksum(data))
+        )
+        self.decisions.append(decision)
+
+    # -- controls ------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._run.clear()
+
+    def resume(self) -> None:
+        self._run.set()
+
+    def set_publishing(self, on: bool) -> None:
+        self.publishing = bool(on)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def stats(self) -> dict[str, Any]:
+        d = self.distiller
+        return {
+            "name": self.name,
+            "steps": d.steps,
+            "records_seen": d.records_seen,
+            "positions_seen": d.positions_seen,
+            "skipped": d.skipped,
+            "publishes": len(self.decisions),
+            "promoted": sum(x["promoted"] for x in self.decisions),
+            "running": self._run.is_set(),
+            "publishing": self.publishing,
+            "resumed_from": self.resumed_from,
+            "errors": self.errors,
+        }
+
+    def ping(self) -> bool:
+        return True

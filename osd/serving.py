@@ -1,0 +1,375 @@
+"""The serving loop of one replica: many requests, one decoder, hot-swaps between steps.
+
+A :class:`ServingLoop` owns a :class:`~osd.spec.engine.SpeculativeDecoder` and one thread
+that steps the active sequences round-robin — one speculative step of each in turn
+(sequences are independent: the state is per sequence, DESIGN §3). Between any two steps
+it may **adopt** new drafter weights offered with :meth:`ServingLoop.offer_weights`; a
+step is never interrupted, and no sequence is dropped or restarted by a swap (the draft's
+KV cache of a sequence in flight was built by the old weights: acceptance may dip for a
+few steps, the output does not change — verification keeps it lossless).
+
+Terms:
+
+- **admit**: a submitted request gets a slot (at most ``max_active`` at once) and its
+  prefill; the rest wait in the inbox, first come first served.
+- **event**: what the loop tells the submitter, from the loop thread: a :class:`Delta`
+  with new text, and at the end one with ``result`` (or ``error``) set.
+- **stop strings**: the text is cut at the first occurrence of any of them (which is not
+  returned, as in OpenAI's API). Text that might still become a stop string is held back,
+  so the streamed deltas always add up to the final text.
+- **swap pause**: the time the loop spends adopting a new version between two steps
+  (loading the state dict); sequences wait that long, nothing else.
+
+Worked example of the hold-back, stop ``["\\n\\n"]``: after step 1 the text is
+``"4 + 4 = 8\\n"``; the trailing ``"\\n"`` could start ``"\\n\\n"`` so ``"4 + 4 = 8"`` is
+sent. Step 2 adds ``"\\nQ"``: the stop string is found, the final text is
+``"4 + 4 = 8"`` and the finish reason ``"stop"``.
+
+The loop is not Ray-specific: the Serve replica (``osd.actors.server``) feeds it from HTTP
+handlers; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from osd.distill.collect import RecordCollector
+from osd.distill.record import DistillRecord
+from osd.spec.drafters.base import DecodeState
+from osd.spec.engine import DecodeStats, SpeculativeDecoder
+from osd.spec.sampling import SamplingParams
+
+__all__ = ["Delta", "RequestResult", "ServeRequest", "ServingLoop", "SwapEvent", "visible_text"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """One validated request (token ids already checked against the context)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    domain: str | None = None  # tag for the distill record, when the client knows it
+
+
+@dataclass
+class RequestResult:
+    """A finished request: text, tokens, acceptance statistics and drafter versions."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]  # generated tokens (all emitted ones, also past a stop string)
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    stats: DecodeStats
+    version_start: int  # drafter version when the request was admitted
+    version_end: int  # ... and when it finished (differs if a swap happened in flight)
+    queue_s: float  # submitted → admitted
+    latency_s: float  # submitted → finished
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """An event for the submitter: new text; the last one carries ``result`` or ``error``."""
+
+    text: str = ""
+    result: RequestResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class SwapEvent:
+    """One adoption of new drafter weights."""
+
+    version: int
+    previous: int
+    pause_s: float  # decode loop blocked while loading the weights
+    waited_s: float  # offered → adopted (the step in progress finished first)
+    in_flight: int  # sequences active at the swap (none was dropped)
+
+
+def visible_text(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """What may be shown of ``text``: cut at the first stop string (``True``), else with
+    any suffix that could still grow into a stop string or a multi-byte character held
+    back (``False``).
+
+    >>> visible_text("a = 8\\n", ("\\n\\n",))
+    ('a = 8', False)
+    >>> visible_text("a = 8\\n\\nQ", ("\\n\\n",))
+    ('a = 8', True)
+    >>> visible_text("ab\\ufffd", ())
+    ('ab', False)
+    """
+    cut = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if cut:
+        return text[: min(cut)], True
+    keep = len(text)
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    while keep and text[keep - 1] == "\ufffd":  # an incomplete UTF-8 sequence so far
+        keep -= 1
+    return text[:keep], False
+
+
+@dataclass
+class _Seq:
+    request: ServeRequest
+    on_event: Callable[[Delta], None]
+    submitted: float
+    admitted: float = 0.0
+    state: DecodeState | None = None
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    sent: str = ""  # text already delivered
+    version_start: int = 0
+
+
+class ServingLoop:
+    """Round-robin speculative decoding of many sequences on one thread; see the module doc.
+
+    ``collector`` (optional) is attached to the decoder; ``on_record`` receives each
+    finished request's distill record *after* the request's final event was delivered,
+    so logging never delays a response. ``on_swap`` receives each :class:`SwapEvent`.
+    """
+
+    def __init__(
+        self,
+        decoder: SpeculativeDecoder,
+        *,
+        drafter_id: str = "draft",
+        collector: RecordCollector | None = None,
+        on_record: Callable[[DistillRecord], None] | None = None,
+        on_swap: Callable[[SwapEvent], None] | None = None,
+        max_active: int = 8,
+    ) -> None:
+        if isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1:
+            raise ValueError(f"max_active must be an int >= 1, got {max_active!r}")
+        if decoder.tokenizer is None:
+            raise ValueError("the serving loop needs a decoder with a tokenizer (it returns text)")
+        self.decoder = decoder
+        self.drafter_id = drafter_id
+        self.collector = collector
+        if collector is not None:
+            collector.attach(decoder)
+        self.on_record = on_record
+        self.on_swap = on_swap
+        self.max_active = max_active
+        self._cond = threading.Condition()
+        self._inbox: deque[_Seq] = deque()
+        self._active: list[_Seq] = []
+        self._cancelled: set[str] = set()
+        self._offer: tuple[dict[str, torch.Tensor], int, float] | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.swaps: list[SwapEvent] = []
+        self.finished = 0
+        self.failed = 0
+
+    # -- control ---------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.decoder.drafter.version
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active, waiting) sequences."""
+        with self._cond:
+            return len(self._active), len(self._inbox)
+
+    def start(self) -> ServingLoop:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="osd-serving-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the sequences in flight and the queued ones, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit(self, request: ServeRequest, on_event: Callable[[Delta], None]) -> None:
+        """Queue ``request``; ``on_event`` is called from the loop thread (keep it quick)."""
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the serving loop is stopping; retry on another replica")
+            self._inbox.append(_Seq(request, on_event, time.perf_counter()))
+            self._cond.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request (client gone); no record is logged for it."""
+        with self._cond:
+            queued = len(self._inbox)
+            self._inbox = deque(s for s in self._inbox if s.request.request_id != request_id)
+            if len(self._inbox) == queued:  # admitted already (or about to be)
+                self._cancelled.add(request_id)
+            self._cond.notify_all()
+
+    def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Hand over new drafter weights; adopted before the next step (a newer offer that
+        arrives first replaces this one)."""
+        with self._cond:
+            self._offer = (state_dict, version, time.perf_counter())
+            self._cond.notify_all()
+
+    @property
+    def pending_version(self) -> int | None:
+        offer = self._offer
+        return None if offer is None else offer[1]
+
+    # -- the loop --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._active or self._offer or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not self._inbox and not self._active:
+                    break
+                admit = []
+                while self._inbox and len(self._active) + len(admit) < self.max_active:
+                    admit.append(self._inbox.popleft())
+                cancelled, self._cancelled = self._cancelled, set()
+            self._adopt()
+            for seq in admit:
+                self._admit(seq, cancelled)
+            for seq in list(self._active):
+                if seq.request.request_id in cancelled:
+                    self._drop(seq, "cancelled")
+                    continue
+                self._adopt()  # between steps, never inside one
+                self._step(seq)
+        log.info("serving loop stopped after %d requests", self.finished)
+
+    def _adopt(self) -> None:
+        with self._cond:
+            offer, self._offer = self._offer, None
+        if offer is None:
+            return
+        state_dict, version, offered = offer
+        previous = self.version
+        start = time.perf_counter()
+        try:
+            self.decoder.drafter.load_state_dict(state_dict, version)
+        except Exception:  # bad weights must not take serving down: keep the old ones
+            log.exception("could not adopt drafter v%d; keeping v%d", version, previous)
+            return
+        now = time.perf_counter()
+        event = SwapEvent(version, previous, now - start, now - offered, len(self._active))
+        self.swaps.append(event)
+        log.info("adopted drafter v%d (was v%d) in %.1f ms", version, previous, 1e3 * event.pause_s)
+        if self.on_swap is not None:
+            self._call(self.on_swap, event)
+
+    def _admit(self, seq: _Seq, cancelled: set[str]) -> None:
+        if seq.request.request_id in cancelled:
+            return
+        req = seq.request
+        seq.admitted = time.perf_counter()
+        seq.version_start = self.version
+        try:
+            seq.state = self.decoder.start(req.prompt_ids, req.max_new_tokens, req.sampling)
+        except Exception as err:
+            self._fail(seq, err)
+            return
+        self._active.append(seq)
+
+    def _step(self, seq: _Seq) -> None:
+        state = seq.state
+        try:
+            self.decoder.step(state, seq.stats)
+            text = self.decoder.tokenizer.decode(
+                state.tokens[state.prompt_len :], skip_special_tokens=True
+            )
+            shown, stopped = visible_text(text, seq.request.stop)
+        except Exception as err:
+            self._active.remove(seq)
+            if self.collector is not None:
+                self.collector.discard(state)
+            self._fail(seq, err)
+            return
+        if stopped:
+            state.finished, state.finish_reason = True, "stop"
+        elif state.finished:
+            shown = text  # nothing can grow any more: deliver what was held back
+        delta, seq.sent = shown[len(seq.sent) :], shown
+        if not state.finished:
+            if delta:
+                self._call(seq.on_event, Delta(delta))
+            return
+        self._active.remove(seq)
+        self._finish(seq, delta)
+
+    def _finish(self, seq: _Seq, delta: str) -> None:
+        state, req = seq.state, seq.request
+        now = time.perf_counter()
+        result = RequestResult(
+            request_id=req.request_id,
+            text=seq.sent,
+            token_ids=state.tokens[state.prompt_len :],
+            finish_reason=state.finish_reason or "length",
+            prompt_tokens=state.prompt_len,
+            stats=seq.stats,
+            version_start=seq.version_start,
+            version_end=self.version,
+            queue_s=seq.admitted - seq.submitted,
+            latency_s=now - seq.submitted,
+        )
+        self.finished += 1
+        self._call(seq.on_event, Delta(delta, result=result))  # the response first ...
+        if self.collector is None:
+            return
+        try:  # ... then the record (verifier logits → top-k)
+            record = self.collector.finish(
+                state, req.request_id, self.drafter_id, seq.version_start, domain=req.domain
+            )
+        except Exception:
+            log.exception("could not build the distill record of %s", req.request_id)
+            return
+        if record is not None and self.on_record is not None:
+            self._call(self.on_record, record)
+
+    def _drop(self, seq: _Seq, why: str) -> None:
+        self._active.remove(seq)
+        if self.collector is not None and seq.state is not None:
+            self.collector.discard(seq.state)
+        log.info("dropped %s: %s", seq.request.request_id, why)
+
+    def _fail(self, seq: _Seq, err: BaseException) -> None:
+        self.failed += 1
+        if not isinstance(err, ValueError):
+            log.error("request %s failed", seq.request.request_id, exc_info=err)
+        self._call(seq.on_event, Delta(error=err))
+
+    @staticmethod
+    def _call(fn: Callable, arg: object) -> None:
+        try:
+            fn(arg)
+        except Exception:  # a broken callback must not stop the loop
+            log.exception("serving-loop callback %r failed", fn)

@@ -1,0 +1,71 @@
+"""The topology config: defaults, YAML, overrides, and clear errors for bad values."""
+
+from pathlib import Path
+
+import pytest
+from osd.actors.config import ClusterConfig, load_config, runtime_env
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def test_local_yaml_is_the_default_topology():
+    assert load_config(DEPLOY / "local.yaml") == ClusterConfig()
+
+
+def test_gpu_yaml_packs_replicas_and_trainer_on_one_gpu():
+    cfg = load_config(DEPLOY / "gpu.yaml")
+    assert cfg.serve.replicas * cfg.serve.num_gpus + cfg.trainer.num_gpus <= 1.0
+    assert cfg.trainer.lora and cfg.trainer.num_gpus > 0
+
+
+def test_round_trip_and_overrides(tmp_path):
+    cfg = ClusterConfig.from_dict({"k": 3, "serve": {"port": 8123}, "trainer": {"loss": "jsd"}})
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "t.yaml"
+    path.write_text("serve:\n  replicas: 2\n")
+    got = load_config(path, **{"serve.port": 9000, "trainer.count": 0, "buffer.url": None})
+    assert got.serve.replicas == 2 and got.serve.port == 9000 and got.trainer.count == 0
+    assert got.trainer_names == []
+    assert ClusterConfig.from_dict({"trainer": {"count": 2}}).trainer_names == [
+        "osd-trainer-0",
+        "osd-trainer-1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        ({"targt": "x"}, "unknown config keys"),
+        ({"serve": {"prot": 1}}, "unknown keys in serve"),
+        ({"serve": {"port": 0}}, "serve.port"),
+        ({"serve": {"replicas": 0}}, "serve.replicas"),
+        ({"serve": 3}, "serve must be a mapping"),
+        ({"trainer": {"loss": "mse"}}, "loss must be one of"),
+        ({"trainer": {"lr": -1}}, "lr must be"),
+        ({"buffer": {"log_mode": "some"}}, "log_mode"),
+        ({"buffer": {"holdout_every": 1}}, "holdout_every"),
+        ({"drafter_id": "bad id/"}, "drafter id"),
+        ({"k": 0}, "k must be"),
+    ],
+)
+def test_bad_config_says_what_is_wrong(doc, words):
+    with pytest.raises(ValueError, match=words):
+        ClusterConfig.from_dict(doc)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_redis_url_falls_back_to_env(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@h:6380/0")
+    assert ClusterConfig().redis_url == "redis://:pw@h:6380/0"
+    assert ClusterConfig.from_dict({"buffer": {"url": "redis://x"}}).redis_url == "redis://x"
+
+
+def test_runtime_env_passes_the_zoo_and_one_thread(monkeypatch):
+    monkeypatch.setenv("OSD_ZOO_DIR", "/zoo")
+    env = runtime_env()["env_vars"]
+    assert env["OSD_ZOO_DIR"] == "/zoo" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert "REDIS_URL" not in env  # secrets travel in the config, not in every env

@@ -1,0 +1,161 @@
+"""The actors' building blocks without Ray: record sink, Redis registry store, metrics,
+replay summaries and the demo's α gain."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from osd.actors.demo import alpha_gain
+from osd.actors.metrics import ReplicaMetrics
+from osd.actors.record_sink import RecordSink, holdout_stream
+from osd.actors.redis_store import RedisStore
+from osd.actors.replay import (
+    ReplayRecord,
+    plot_replay,
+    pooled_alpha,
+    summarize,
+    version_swaps,
+    windows,
+)
+
+from osd.buffer import EmbeddedRedis, MemoryBuffer
+from osd.distill.record import build_record, decode
+from osd.registry import Registry, WeightValidationError
+from osd.serving import RequestResult, SwapEvent
+from osd.spec.engine import DecodeStats
+
+
+def record(i: int):
+    logits = torch.log_softmax(torch.randn(2, 32), -1)
+    return build_record(f"r{i}", [1, 2, 3, 4], 2, [2, 3], logits, k=4, drafter_id="d", version=0)
+
+
+def wait_for(cond, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# ---- record sink ---------------------------------------------------------------------------
+
+
+def test_sink_splits_training_and_holdout_streams():
+    buf = MemoryBuffer(consumer="t")
+    seen = []
+    sink = RecordSink(buf, "d", holdout_every=4, on_write=lambda s, ok: seen.append((s, ok)))
+    for i in range(8):
+        sink.submit(record(i))
+    sink.close()
+    assert buf.length("d") == 6 and buf.length(holdout_stream("d")) == 2
+    assert seen.count(("d.holdout", True)) == 2 and sink.written == 8
+    got = [decode(e.data).request_id for e in buf.read(holdout_stream("d"), 10)]
+    assert got == ["r3", "r7"]  # every 4th record
+
+
+class DownBuffer(MemoryBuffer):
+    def put(self, drafter_id, data):
+        raise ConnectionError("redis is down")
+
+
+def test_sink_drops_and_counts_when_redis_is_down():
+    drops = []
+    sink = RecordSink(DownBuffer(), "d", on_write=lambda s, ok: drops.append(ok), retry_s=0.1)
+    start = time.perf_counter()
+    sink.submit(record(0))  # never blocks the caller
+    assert time.perf_counter() - start < 0.05
+    sink.close()
+    assert sink.dropped == 1 and drops == [False]
+
+
+# ---- registry on Redis ---------------------------------------------------------------------
+
+
+def test_redis_store_survives_a_registry_restart():
+    with EmbeddedRedis(password="s3cret") as server:
+        client = server.client()
+        reg = Registry(RedisStore(client))
+        reg.register_base("d", {"w": torch.zeros(2, 2)})
+        v1 = reg.publish("d", {"w": torch.ones(2, 2)}, provenance={"steps": 3})
+        reg.promote("d", v1.version)
+        reg.publish("d", {"w": torch.full((2, 2), 2.0)})
+        with pytest.raises(WeightValidationError):
+            reg.publish("d", {"w": torch.full((2, 2), float("nan"))})
+        again = Registry(RedisStore(server.client()))  # a restarted actor
+        assert again.drafters() == ["d"] and again.live_version("d") == 1
+        assert [v.version for v in again.versions("d")] == [0, 1, 2]
+        assert torch.equal(again.weights("d", 1)["w"], torch.ones(2, 2))
+        assert again.rollback("d").version == 0
+        client.set("osd:registry:d:w:2", b"garbage")  # corrupted at rest: caught on load
+        with pytest.raises(WeightValidationError, match="checksum"):
+            again.weights("d", 2)
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_are_named_after_vllm_and_count():
+    m = ReplicaMetrics("osd", "draft")
+    stats = DecodeStats()
+    stats.record(depth=4, accepted=2, emitted=3)
+    res = RequestResult("c", "t", [1, 2, 3], "length", 5, stats, 0, 1, 0.0, 0.2)
+    m.observe_result(res)
+    m.observe_swap(SwapEvent(1, 0, 0.002, 0.01, 1))
+    m.observe_record("draft", True)
+    m.observe_record("", False)
+    text = m.render().decode()
+    for line in [
+        'osd:spec_decode_num_draft_tokens_total{drafter_id="draft",model_name="osd"} 4.0',
+        'osd:spec_decode_num_accepted_tokens_total{drafter_id="draft",model_name="osd"} 2.0',
+        'osd:spec_decode_num_accepted_tokens_per_pos_total{drafter_id="draft",model_name="osd",'
+        'position="1"} 1.0',
+        'osd:drafter_weight_version{drafter_id="draft",model_name="osd"} 1.0',
+        'osd:drafter_swaps_total{drafter_id="draft",model_name="osd"} 1.0',
+        'osd:distill_records_dropped_total{drafter_id="draft",model_name="osd"} 1.0',
+    ]:
+        assert line in text, line
+
+
+# ---- replay summaries and the demo's figures -----------------------------------------------
+
+
+def rec(i, domain, accepted, proposed=10, version=0, status=200):
+    return ReplayRecord(
+        i,
+        domain,
+        None,
+        float(i),
+        0.5,
+        status,
+        None if status == 200 else "boom",
+        5,
+        8,
+        accepted / proposed,
+        proposed,
+        accepted,
+        version,
+        version,
+        "length",
+    )
+
+
+def test_pooled_alpha_windows_and_swaps():
+    rs = [rec(0, "a", 2), rec(1, "a", 8, 30), rec(2, "b", 5, version=1), rec(3, "b", 0, status=500)]
+    assert pooled_alpha(rs[:2]) == pytest.approx(10 / 40)  # pooled, not a mean of ratios
+    s = summarize(rs)
+    assert s["failed"] == 1 and s["requests"] == 4 and s["versions_seen"] == [0, 1]
+    assert s["alpha_by_domain"]["b"] == pytest.approx(0.5)
+    assert [w["start"] for w in windows(rs, 2)] == [0, 2] and windows(rs, 2)[1]["failed"] == 1
+    assert [(x["version"], x["index"]) for x in version_swaps(rs)] == [(0, 0), (1, 2)]
+
+
+def test_alpha_gain_uses_the_last_domain_first_and_last(tmp_path):
+    rs = [rec(i, "instruct", 5) for i in range(10)]
+    rs += [rec(10 + i, "math", a) for i, a in enumerate(np.linspace(1, 9, 30).round().astype(int))]
+    g = alpha_gain(rs, first_last=10)
+    assert g["domain"] == "math" and g["m"] == 10 and g["requests"] == 30
+    assert g["gain"] == pytest.approx(g["alpha_last"] - g["alpha_first"]) and g["gain"] > 0.4
+    assert alpha_gain(rs, first_last=100)["m"] == 15  # fewer than 2 × 100: half each
+    plot_replay(rs, tmp_path / "r.png", window=5)
+    assert (tmp_path / "r.png").stat().st_size > 10_000

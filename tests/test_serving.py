@@ -1,0 +1,174 @@
+"""The serving loop: round-robin decoding, hot-swaps between steps, stop strings, records."""
+
+import threading
+
+import pytest
+import torch
+
+from osd.distill.collect import RecordCollector
+from osd.distill.record import LogConfig
+from osd.models import load_model, load_tokenizer
+from osd.serving import ServeRequest, ServingLoop, visible_text
+from osd.spec.drafters.draft_model import DraftModelDrafter
+from osd.spec.engine import SpeculativeDecoder
+from osd.spec.sampling import SamplingParams
+
+PROMPTS = ["Question: what is 2 + 3?\nAnswer:", "Instruction: write a poem\nOutput:", "SELECT"]
+
+
+@pytest.fixture(scope="module")
+def models(micro_zoo):
+    target = load_model(str(micro_zoo / "target"), "cpu")
+    draft = load_model(str(micro_zoo / "draft"), "cpu")
+    return target, draft, load_tokenizer(str(micro_zoo / "target"))
+
+
+class Events:
+    """Collects each request's deltas; ``wait`` until all requests finished."""
+
+    def __init__(self, n: int) -> None:
+        self.by_id: dict[str, list] = {}
+        self.n, self.done = n, threading.Event()
+        self.order: list[str] = []
+
+    def callback(self, rid: str):
+        def on_event(delta) -> None:
+            self.by_id.setdefault(rid, []).append(delta)
+            if delta.final:
+                self.order.append(rid)
+                if len(self.order) == self.n:
+                    self.done.set()
+
+        return on_event
+
+    def wait(self) -> None:
+        assert self.done.wait(60), "requests did not finish"
+
+    def result(self, rid: str):
+        last = self.by_id[rid][-1]
+        assert last.error is None, last.error
+        return last.result
+
+
+def make_loop(models, records=None, **kw) -> ServingLoop:
+    import copy
+
+    target, draft, tok = models
+    dec = SpeculativeDecoder(target, DraftModelDrafter(copy.deepcopy(draft), k=4), tok)
+    collector = RecordCollector(LogConfig(mode="all")) if records is not None else None
+    return ServingLoop(
+        dec, collector=collector, on_record=None if records is None else records.append, **kw
+    ).start()
+
+
+def target_greedy(models, ids, n):
+    target = models[0]
+    out = target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_visible_text_worked_examples():
+    assert visible_text("4 + 4 = 8\n", ("\n\n",)) == ("4 + 4 = 8", False)
+    assert visible_text("4 + 4 = 8\n\nQ", ("\n\n",)) == ("4 + 4 = 8", True)
+    assert visible_text("a;b;", (";", "b;")) == ("a", True)  # the earliest stop wins
+    assert visible_text("abc", ()) == ("abc", False)
+    assert visible_text("ab\ufffd", ()) == ("ab", False)
+
+
+def test_concurrent_greedy_requests_match_target_and_survive_a_swap(models):
+    records: list = []
+    loop = make_loop(models, records, max_active=2)  # 3 requests: one waits for a slot
+    tok = models[2]
+    ev = Events(len(PROMPTS))
+    ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    stepped = threading.Event()
+    for i, x in enumerate(ids):
+        cb = ev.callback(f"r{i}")
+        loop.submit(
+            ServeRequest(f"r{i}", x, 24, domain="d"), lambda d, cb=cb: (cb(d), stepped.set())
+        )
+    assert stepped.wait(30)  # sequences are in flight now
+    perturbed = {
+        k: v + 0.01 * torch.randn_like(v) for k, v in loop.decoder.drafter.state_dict().items()
+    }
+    loop.offer_weights(perturbed, 7)  # adopted between two steps, requests in flight
+    ev.wait()
+    loop.stop()
+    assert [s.version for s in loop.swaps] == [7] and loop.swaps[0].pause_s < 0.5
+    for i, x in enumerate(ids):
+        r = ev.result(f"r{i}")
+        assert r.token_ids == target_greedy(models, x, 24)[: len(r.token_ids)]
+        assert r.finish_reason in ("length", "stop") and r.completion_tokens > 0
+        deltas = ev.by_id[f"r{i}"]
+        assert "".join(d.text for d in deltas) == r.text  # streamed pieces add up
+        assert r.stats.proposed > 0 and 0 <= r.stats.alpha <= 1
+        assert r.version_end == 7
+    assert any(ev.result(f"r{i}").version_start == 0 for i in range(3))
+    assert len(records) == 3 and {r.domain for r in records} == {"d"}
+    assert loop.finished == 3 and loop.failed == 0
+
+
+def test_stop_strings_cut_the_text_and_finish(models):
+    loop = make_loop(models)
+    tok = models[2]
+    ids = tok(PROMPTS[0], add_special_tokens=False).input_ids
+    ev = Events(1)
+    loop.submit(ServeRequest("free", ids, 24), ev.callback("free"))
+    ev.wait()
+    free = ev.result("free").text
+    stop = free.strip()[3:5] or free[:1]  # something the text certainly contains
+    ev2 = Events(1)
+    loop.submit(ServeRequest("cut", ids, 24, stop=(stop,)), ev2.callback("cut"))
+    ev2.wait()
+    loop.stop()
+    r = ev2.result("cut")
+    assert r.finish_reason == "stop" and r.text == free[: free.find(stop)]
+    assert "".join(d.text for d in ev2.by_id["cut"]) == r.text
+
+
+def test_seeded_sampling_is_reproducible(models):
+    loop = make_loop(models)
+    ids = models[2](PROMPTS[1], add_special_tokens=False).input_ids
+    ev = Events(2)
+    for rid in ("a", "b"):
+        sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=11)
+        loop.submit(ServeRequest(rid, ids, 16, sampling), ev.callback(rid))
+    ev.wait()
+    loop.stop()
+    assert ev.result("a").text == ev.result("b").text
+
+
+def test_errors_are_delivered_and_the_loop_keeps_serving(models):
+    loop = make_loop(models)
+    context = loop.decoder.context
+    ev = Events(2)
+    loop.submit(ServeRequest("long", [1] * (context + 5), 4), ev.callback("long"))
+    loop.submit(ServeRequest("fine", [1, 2, 3], 4), ev.callback("fine"))
+    ev.wait()
+    loop.stop()
+    err = ev.by_id["long"][-1].error
+    assert isinstance(err, ValueError) and "context" in str(err)
+    assert ev.result("fine").completion_tokens == 4 and loop.failed == 1
+
+
+def test_cancelled_request_is_dropped_without_a_record(models):
+    records: list = []
+    loop = make_loop(models, records)
+    ids = models[2](PROMPTS[0], add_special_tokens=False).input_ids
+    ev = Events(1)
+    loop.cancel("gone")  # cancelled before admission: never decoded
+    loop.submit(ServeRequest("gone", ids, 200), lambda d: None)
+    loop.submit(ServeRequest("kept", ids, 8), ev.callback("kept"))
+    ev.wait()
+    loop.stop()
+    assert [r.request_id for r in records] == ["kept"]
+
+
+def test_bad_weights_keep_the_old_version(models):
+    loop = make_loop(models)
+    loop.offer_weights({"nope": torch.zeros(1)}, 3)
+    ev = Events(1)
+    loop.submit(ServeRequest("x", [1, 2, 3], 4), ev.callback("x"))
+    ev.wait()
+    loop.stop()
+    assert loop.version == 0 and loop.swaps == [] and ev.result("x").version_end == 0
