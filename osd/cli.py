@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from osd.cli_common import DataDir, console, fail
 
 app = typer.Typer(
     help="OSD: online speculative decoding — serve with speculative decoding and keep "
@@ -25,21 +26,6 @@ zoo_app = typer.Typer(help="The tiny model zoo shipped with the package.", no_ar
 workloads_app = typer.Typer(help="Real-data workloads and replay schedules.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(workloads_app, name="workloads")
-console = Console()
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Folder of the shared data sets (default: $OSD_DATA_DIR, else ../shared/data).",
-        show_default=False,
-    ),
-]
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
 
 
 @app.callback()
@@ -78,7 +64,7 @@ def zoo_build(
     from osd.zoo.build import PRESETS, build_zoo
 
     if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     out = out or ZOO_DIR
     start = time.perf_counter()
     columns = (
@@ -102,7 +88,7 @@ def zoo_build(
                 out, preset, data_dir=data_dir, seed=seed, progress=progress, only=only
             )
         except FileNotFoundError as err:
-            _fail(str(err))
+            fail(str(err))
     console.print(
         f"done in {time.perf_counter() - start:.0f} s: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
@@ -124,7 +110,7 @@ def zoo_report_cmd(
     try:
         rep = zoo_report(target, draft, n=n, data_dir=data_dir)
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     table = Table(title="zoo report (perplexity on held-out eval split)")
     table.add_column("model")
     table.add_column("params", justify="right")
@@ -168,7 +154,7 @@ def workloads_show(
             table.add_row(d, str(len(train)), str(len(ev)), f"{mean:.0f}", f"{refs}/{len(ev)}")
             shown.extend(ev[:examples])
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(table)
     for q in shown:
         console.rule(f"{q.domain} · {q.id}")
@@ -229,7 +215,7 @@ def generate(
         start = time.perf_counter()
         out = dec.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     dt = time.perf_counter() - start
     console.print(prompt, end="", markup=False, highlight=False)
     console.print(out.text, style="bold", markup=False, highlight=False)
@@ -284,7 +270,7 @@ def bench(
                 progress=lambda i, t: bar.update(task, completed=i, total=t),
             )
         except (ValueError, FileNotFoundError) as err:
-            _fail(str(err))
+            fail(str(err))
     table = Table(
         title=f"osd bench · {rep['prompts']} prompts × {max_new_tokens} tokens, greedy, one process"
     )
@@ -352,7 +338,7 @@ def online(
             steps_per_request=steps_per_request,
         )
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     torch.manual_seed(seed)
     target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
     tok = load_tokenizer("zoo:target")
@@ -385,7 +371,7 @@ def online(
                 target, draft, tok, buffer, cfg, data_dir=data_dir, progress=progress
             )
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     finally:
         if server is not None:
             server.stop()

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from osd.cli_common import DataDir, console, fail
 
 __all__ = ["demo", "launch", "replay", "serve"]
 
-console = Console()
 log = logging.getLogger(__name__)
 
 ConfigOpt = Annotated[
@@ -44,19 +44,6 @@ RedisOpt = Annotated[
         "redis-server on a Unix socket).",
     ),
 ]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Folder of the shared data sets (default: $OSD_DATA_DIR, else ../shared/data).",
-        show_default=False,
-    ),
-]
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
 
 
 def _config(path: Path | None, **overrides: Any):
@@ -65,7 +52,7 @@ def _config(path: Path | None, **overrides: Any):
     try:
         return load_config(path, **overrides)
     except (ValueError, TypeError) as err:
-        _fail(f"bad config: {err}")
+        fail(f"bad config: {err}")
 
 
 def _wait_for_interrupt(what: str) -> None:
@@ -95,7 +82,7 @@ def demo(
     plot: Annotated[
         Path | None, typer.Option(help="Write the α / latency PNG here (default: next to --json).")
     ] = None,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Local Ray + private Redis + zoo models: a drift replay with online distillation and
     hot-swaps, a live table, then results (JSON + PNG)."""
@@ -115,7 +102,7 @@ def demo(
             plot = json_out.with_suffix(".png")
         doc = run_demo(cfg, dcfg, json_out, plot, console, data_dir)
     except (ValueError, FileNotFoundError, TimeoutError) as err:
-        _fail(str(err))
+        fail(str(err))
     table = Table(title="osd demo · results")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -162,7 +149,7 @@ def serve(
     try:
         cluster = launch_cluster(cfg)
     except (ValueError, TimeoutError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     try:
         _wait_for_interrupt(f"serving {cfg.model_name!r} at {cluster.url}/v1/completions")
     finally:
@@ -200,7 +187,7 @@ def launch(
     try:
         cluster = launch_cluster(cfg, address=address, detached=detached)
     except (ValueError, TimeoutError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(
         f"osd up at {cluster.url}: {cfg.serve.replicas} replica(s), {cfg.trainer.count} "
         f"trainer(s), drafter {cfg.draft} ({cfg.trainer.loss}"
@@ -231,7 +218,7 @@ def replay(
         Path | None, typer.Option("--json", help="Write per-request results here.")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the α / latency PNG here.")] = None,
-    data_dir: DataDirOpt = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Send a workload schedule to /v1/completions at its arrival times; record latency,
     tokens, α and drafter version per request."""
@@ -243,7 +230,7 @@ def replay(
         reqs = parse_schedule(schedule, n, seed).build(data_dir=data_dir)
         cfg = ReplayConfig(url.rstrip("/"), model, max_tokens, temperature, concurrency)
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     start = time.perf_counter()
     done = [0]
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 __all__ = [
@@ -112,7 +113,7 @@ def weights_from_bytes(data: bytes) -> dict[str, Tensor]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WeightValidationError(f"weights must be bytes, got {type(data).__name__}")
     try:
-        return safetensors.torch.load(bytes(data))
+        return load_safetensors(bytes(data))  # safetensors: no code execution, unlike pickle
     except Exception as err:  # SafetensorError, or a malformed header
         raise WeightValidationError(f"not valid safetensors bytes: {err}") from None
 

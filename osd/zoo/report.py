@@ -69,6 +69,8 @@ def zoo_report(
     repeats: int = 7,
 ) -> dict:
     """The JSON the issue asks for: per-model params, decode_ms, ppl per domain; cost_ratio."""
+    if n <= 0 or repeats <= 0:
+        raise ValueError(f"n and repeats must be positive, got n={n}, repeats={repeats}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models = {"target": load_model(target, device="cpu"), "draft": load_model(draft, device="cpu")}
     tok = load_tokenizer(target)
