@@ -94,7 +94,8 @@ _ARRAYS: dict[str, _ArraySpec] = {
     "positions": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 1),
     "topk_ids": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 2),
     "topk_logprobs": _ArraySpec(("float16",), np.dtype(np.float16), 2),
-    "tail_logmass": _ArraySpec(("float32",), np.dtype(np.float32), 1),
+    # fp16 on the wire when that is lossless (build_record rounds to fp16 precision)
+    "tail_logmass": _ArraySpec(("float16", "float32"), np.dtype(np.float32), 1),
     "hidden": _ArraySpec(("float16",), np.dtype(np.float16), 2),
 }
 _SCALARS = ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta")
@@ -316,6 +317,9 @@ def _pack_array(name: str, arr: np.ndarray) -> dict[str, Any]:
     if wire == _INT_WIRE:
         fits = arr.size == 0 or (arr.min() >= 0 and arr.max() <= np.iinfo(np.uint16).max)
         wire_name = "uint16" if fits else "int32"
+    elif wire == ("float16", "float32"):
+        lossless = np.array_equal(arr.astype(np.float16).astype(arr.dtype), arr)
+        wire_name = "float16" if lossless else "float32"
     else:
         wire_name = wire[0]
     data = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[wire_name]).tobytes()
@@ -509,7 +513,8 @@ def build_record(
         positions=pos,
         topk_ids=top_ids.cpu().numpy().astype(np.int32),
         topk_logprobs=top_lp.cpu().numpy().astype(np.float16),
-        tail_logmass=tail.cpu().numpy().astype(np.float32),
+        # fp16 precision (like the top-k log-probs): 2 bytes per position on the wire
+        tail_logmass=tail.cpu().numpy().astype(np.float16).astype(np.float32),
         hidden=hid,
         created=time.time() if created is None else created,
         meta=dict(meta or {}),
