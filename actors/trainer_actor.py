@@ -17,6 +17,7 @@ Controls for experiments: :meth:`pause` / :meth:`resume` the training thread, an
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -127,6 +128,7 @@ class TrainerActor:
         d = self.distiller
         return {
             "name": self.name,
+            "pid": os.getpid(),  # tells a restarted actor from the one it replaced
             "steps": d.steps,
             "records_seen": d.records_seen,
             "positions_seen": d.positions_seen,
