@@ -54,9 +54,3 @@ def compact(cache: DynamicCache, keep: torch.Tensor) -> None:
         for i in range(len(cache.key_cache)):
             cache.key_cache[i] = _select(cache.key_cache[i], keep, prefix)
             cache.value_cache[i] = _select(cache.value_cache[i], keep, prefix)
-
-
-def crop(cache: DynamicCache, length: int) -> None:
-    """Drop every slot from ``length`` on."""
-    if cache_len(cache) > length:
-        compact(cache, torch.arange(length))
