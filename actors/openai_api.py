@@ -241,23 +241,8 @@ def osd_block(result: RequestResult, drafter_id: str) -> dict[str, Any]:
 def completion_response(
     cid: str, model: str, result: RequestResult, drafter_id: str
 ) -> dict[str, Any]:
-    """The non-streaming response body."""
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": result.text,
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": _usage(result),
-        "osd": osd_block(result, drafter_id),
-    }
+    """The non-streaming response body: the final chunk's shape, carrying the whole text."""
+    return completion_chunk(cid, model, result.text, result, drafter_id)
 
 
 def completion_chunk(
