@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from osd.serving import RequestResult
-from osd.spec.sampling import SamplingParams
+from osd.specdec.sampling import SamplingParams
 
 __all__ = [
     "ApiError",

@@ -45,6 +45,7 @@ from ray import serve
 
 from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig
+from osd.drafters.draft_model import DraftModelDrafter
 from osd.models import load_model, load_tokenizer
 from osd.registry import (
     WeightValidationError,
@@ -54,8 +55,7 @@ from osd.registry import (
     weights_from_bytes,
 )
 from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.engine import SpeculativeDecoder
+from osd.specdec.engine import SpeculativeDecoder
 
 __all__ = ["OSDServer", "api", "app_builder", "build_app"]
 

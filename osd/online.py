@@ -11,7 +11,7 @@ after each request: the "spare compute"); every M steps it publishes to the
 target pass; promoted weights are loaded into the serving drafter between requests.
 
 The **frozen** draft is measured on the same stream by replaying its greedy acceptance
-against the served output (``osd.spec.replay``: exact, and no target pass).
+against the served output (``osd.specdec.replay``: exact, and no target pass).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from osd.distill.lora import merge_adapter
 from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.trainer import DistillConfig, OnlineDistiller
+from osd.drafters.draft_model import DraftModelDrafter
 from osd.registry import PromotionGate, Registry
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.engine import DecodeStats, SpeculativeDecoder
-from osd.spec.replay import replay_greedy
+from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.replay import replay_greedy
 from osd.workloads.schedule import parse_schedule
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def run_online(
     frozen = DraftModelDrafter(draft, k=cfg.k)
     dec = SpeculativeDecoder(target, serving, tokenizer)
     collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk))
-    collector.attach(dec)
+    dec.add_observer(collector)
     dcfg = DistillConfig(
         loss=cfg.loss,
         lora=cfg.lora,

@@ -1,4 +1,4 @@
-"""Tests for ``osd.spec.sampling``, ``osd.spec.accept`` and ``osd.spec.accept_batch``.
+"""Tests for ``osd.specdec.sampling``, ``osd.specdec.accept`` and ``osd.specdec.accept_batch``.
 
 The heart is the statistical exactness of speculative sampling (DESIGN §3): whatever the
 drafter — a chain, a multi-candidate tree with iid siblings or siblings drawn without
@@ -26,9 +26,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from osd.spec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
-from osd.spec.accept_batch import BatchAcceptResult, accept_sampling_batch
-from osd.spec.sampling import SamplingParams, sample, warp_logits, warp_probs
+from osd.specdec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
+from osd.specdec.accept_batch import BatchAcceptResult, accept_sampling_batch
+from osd.specdec.sampling import SamplingParams, sample, warp_logits, warp_probs
 
 V = 6
 N_DRAWS = 20_000

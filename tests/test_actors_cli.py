@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from osd import cli_cluster
+from osd.cli import cluster as cli_cluster
 
 runner = CliRunner()
 

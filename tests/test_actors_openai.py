@@ -12,7 +12,7 @@ from osd.actors.openai_api import (
 )
 
 from osd.serving import RequestResult
-from osd.spec.engine import DecodeStats
+from osd.specdec.engine import DecodeStats
 
 
 def ok(**body):

@@ -23,7 +23,7 @@ from osd.buffer import EmbeddedRedis, MemoryBuffer
 from osd.distill.record import build_record, decode
 from osd.registry import Registry, WeightValidationError
 from osd.serving import RequestResult, SwapEvent
-from osd.spec.engine import DecodeStats
+from osd.specdec.engine import DecodeStats
 
 
 def record(i: int):

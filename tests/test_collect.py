@@ -6,9 +6,9 @@ import torch
 
 from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig, LogMode, decode, encode
+from osd.drafters.draft_model import DraftModelDrafter
 from osd.models import load_model
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.engine import SpeculativeDecoder
+from osd.specdec.engine import SpeculativeDecoder
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_logged_topk_equals_target_forward(models, mode, tree):
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=3, tree=tree))
     dec.eos = set()
     collector = RecordCollector(LogConfig(mode=mode, k=8))
-    collector.attach(dec)
+    dec.add_observer(collector)
     state = dec.start([5, 9, 17, 33, 2], max_new_tokens=20)
     steps = 0
     while not state.finished:
@@ -52,7 +52,7 @@ def test_sampling_rate_zero_logs_nothing(models):
     target, draft = models
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=2))
     collector = RecordCollector(LogConfig(rate=0.0))
-    collector.attach(dec)
+    dec.add_observer(collector)
     state = dec.start([5, 9, 17], max_new_tokens=5)
     while not state.finished:
         dec.step(state)
@@ -64,7 +64,7 @@ def test_hidden_states_are_logged_from_the_verifier(models):
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, tree=(2, 2)))
     dec.eos = set()
     collector = RecordCollector(LogConfig(mode=LogMode.ALL, k=4, hidden=True))
-    collector.attach(dec)
+    dec.add_observer(collector)
     state = dec.start([5, 9, 17, 33], max_new_tokens=12)
     while not state.finished:
         dec.step(state)

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from osd.spec.controller import SpeculationController, expected_tokens
-from osd.spec.ledger import Ledger
+from osd.specdec.controller import SpeculationController, expected_tokens
+from osd.specdec.ledger import Ledger
 
 
 def test_expected_tokens():

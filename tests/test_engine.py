@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters.ngram import NgramDrafter, lookup
 from osd.models import load_model, load_tokenizer
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.drafters.ngram import NgramDrafter, lookup
-from osd.spec.engine import SpeculativeDecoder
-from osd.spec.sampling import SamplingParams, warp_probs
+from osd.specdec.engine import SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.workloads.datasets import DOMAINS, load_domain
 
 MAX_NEW = 24

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import osd.gate
 import osd.registry
-import osd.registry_store
-import osd.weights
+import osd.registry.gate
+import osd.registry.store
+import osd.registry.weights
 from osd.distill.record import DistillRecord, build_record
 from osd.registry import (
     DiskStore,
@@ -388,7 +388,7 @@ def test_gate_needs_enough_records(target, records):
 # ---- hygiene ----------------------------------------------------------------------------------
 
 
-REGISTRY_MODULES = [osd.registry, osd.registry_store, osd.weights, osd.gate]
+REGISTRY_MODULES = [osd.registry, osd.registry.store, osd.registry.weights, osd.registry.gate]
 
 
 @pytest.mark.parametrize("module", REGISTRY_MODULES, ids=lambda m: m.__name__)

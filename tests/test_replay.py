@@ -1,12 +1,12 @@
 import pytest
 
+from osd.drafters.base import Drafter
+from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters.ngram import NgramDrafter
 from osd.models import load_model
-from osd.spec.drafters.base import Drafter
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.drafters.ngram import NgramDrafter
-from osd.spec.engine import SpeculativeDecoder
-from osd.spec.replay import replay_greedy
-from osd.spec.tree import TokenTree
+from osd.specdec.engine import SpeculativeDecoder
+from osd.specdec.replay import replay_greedy
+from osd.specdec.tree import TokenTree
 
 
 class FixedChain(Drafter):

@@ -7,11 +7,11 @@ import torch
 
 from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig
+from osd.drafters.draft_model import DraftModelDrafter
 from osd.models import load_model, load_tokenizer
 from osd.serving import ServeRequest, ServingLoop, visible_text
-from osd.spec.drafters.draft_model import DraftModelDrafter
-from osd.spec.engine import SpeculativeDecoder
-from osd.spec.sampling import SamplingParams
+from osd.specdec.engine import SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams
 
 PROMPTS = ["Question: what is 2 + 3?\nAnswer:", "Instruction: write a poem\nOutput:", "SELECT"]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from osd.spec.kvcache import compact, keep_slots
-from osd.spec.tree import (
+from osd.specdec.kvcache import compact, keep_slots
+from osd.specdec.tree import (
     TokenTree,
     ancestor_matrix,
     path_to,

@@ -1,6 +1,7 @@
 """From decoding to distill records: the target's logits at emitted positions, per request.
 
-A :class:`RecordCollector` hooks the engine's ``on_step`` and keeps, for each sequence, the
+A :class:`RecordCollector` is a step observer of the engine
+(``SpeculativeDecoder(observers=[collector])``) and keeps, for each sequence, the
 **verifier's** logits rows (no second target pass) at the positions it logs:
 
 - ``all``: every emitted position;
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from osd.distill.record import DistillRecord, LogConfig, LogMode, build_record, should_log
-from osd.spec.drafters.base import DecodeState, StepResult
+from osd.drafters.base import DecodeState, StepResult
 
 
 class RecordCollector:
@@ -31,20 +32,16 @@ class RecordCollector:
         # per sequence: logged positions, logits rows [V], hidden rows [H] (if configured)
         self._rows: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def attach(self, decoder) -> None:
-        """Make ``decoder`` keep its verifier logits and report each step here."""
-        decoder.keep_logits = True
-        decoder.keep_hidden = self.config.hidden
-        previous = decoder.on_step
+    wants_logits = True  # the verifier's logits rows are what a record logs
 
-        def on_step(state: DecodeState, step: StepResult) -> None:
-            self.on_step(state, step)
-            if previous is not None:
-                previous(state, step)
+    @property
+    def wants_hidden(self) -> bool:
+        return self.config.hidden
 
-        decoder.on_step = on_step
+    def on_release(self, state: DecodeState) -> None:
+        """Nothing: rows stay until :meth:`finish` or :meth:`discard`."""
 
-    def on_step(self, state: DecodeState, step: StepResult) -> None:
+    def on_step(self, state: DecodeState, step: StepResult, ledger=None) -> None:
         if step.target_logits is None or not step.emitted:
             return
         first = len(state.tokens) - len(step.emitted)  # position of the first emitted token

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from osd.buffer import Entry, SampleBuffer
+from osd.buffer.base import Entry, SampleBuffer
 from osd.distill.losses import LOSS_NAMES, SparseTarget, distill_loss
 from osd.distill.record import DistillRecord, RecordError, decode
 

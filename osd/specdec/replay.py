@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from osd.spec.accept import accept_greedy
-from osd.spec.drafters.base import DecodeState, Drafter, StepResult
-from osd.spec.engine import DecodeStats
-from osd.spec.sampling import SamplingParams
-from osd.spec.tree import TokenTree, path_to
+from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.specdec.accept import accept_greedy
+from osd.specdec.engine import DecodeStats
+from osd.specdec.sampling import SamplingParams
+from osd.specdec.tree import TokenTree, path_to
 
 
 def _known_argmax(tree: TokenTree, future: list[int]) -> torch.Tensor:

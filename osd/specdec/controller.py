@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from osd.spec.ledger import Ledger
+from osd.specdec.ledger import Ledger
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -61,7 +61,13 @@ class _Decayed:
 
 
 class SpeculationController:
-    """Chooses the draft depth before each step from measured costs and acceptance."""
+    """Chooses the draft depth before each step from measured costs and acceptance.
+
+    A step observer of the engine (``SpeculativeDecoder(controller=...)`` registers it).
+    """
+
+    wants_logits = False
+    wants_hidden = False
 
     def __init__(
         self,
@@ -116,6 +122,12 @@ class SpeculationController:
             best = min(self.k_max, best + 1) if best < self.k_max else best - 1
         self.k = max(self.k_min, best)
         return self.k
+
+    def on_step(self, state, step, ledger: Ledger) -> None:
+        self.observe(step.proposed_depth, step.accepted, ledger)
+
+    def on_release(self, state) -> None:
+        pass
 
     def observe(self, depth: int, accepted: int, ledger: Ledger) -> None:
         """Feed one step's outcome; stage times are read as deltas of ``ledger``."""

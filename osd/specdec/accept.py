@@ -72,7 +72,7 @@ Edge cases, each handled so the guarantee still holds:
 Randomness: each call uses ``n + 1`` uniforms in ``[0, 1)``; slot ``j`` is the coin of
 node ``j`` and slot ``n`` draws the bonus / recovered token by inverse CDF. They are drawn
 from ``generator`` unless passed as ``uniforms``, so a call is a pure function of them;
-:func:`accept_sampling` and its batched twin ``osd.spec.accept_batch.accept_sampling_batch``
+:func:`accept_sampling` and its batched twin ``osd.specdec.accept_batch.accept_sampling_batch``
 give identical results for the same uniforms.
 
 Worked example (``V = 4``)::

@@ -10,8 +10,8 @@ occurred at 0..1, followed by ``[7, 9, 5]``, so the proposal is the chain ``7 â†
 
 from __future__ import annotations
 
-from osd.spec.drafters.base import DecodeState, Drafter
-from osd.spec.tree import TokenTree
+from osd.drafters.base import DecodeState, Drafter
+from osd.specdec.tree import TokenTree
 
 
 def lookup(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:

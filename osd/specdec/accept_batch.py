@@ -1,10 +1,10 @@
 """Lossless speculative sampling for many trees of one topology, vectorised over the batch.
 
-:func:`accept_sampling_batch` applies the rules of :func:`osd.spec.accept.accept_sampling`
+:func:`accept_sampling_batch` applies the rules of :func:`osd.specdec.accept.accept_sampling`
 (terms, tree representation, edge cases and the exactness argument are in that module's
 docstring) to ``B`` trees at once: tree ``b`` has tokens ``tokens[b]``, targets ``q[b]`` and
 drafts ``p[b]``, and all share ``parents``. The ``*_rows`` helpers are the row-wise twins
-of the one-tree helpers in ``osd.spec.accept``; for the same uniforms both paths give
+of the one-tree helpers in ``osd.specdec.accept``; for the same uniforms both paths give
 identical results.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from osd.spec.accept import (
+from osd.specdec.accept import (
     RESIDUAL_EPS,
     AcceptResult,
     _check_shape,

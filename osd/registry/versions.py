@@ -40,10 +40,10 @@ Worked example (one 2×2 tensor; ``v1`` ones, then a wrong shape)::
     >>> reg.publish("draft-a", {"w": torch.ones(2, 3)})
     Traceback (most recent call last):
     ...
-    osd.weights.WeightValidationError: draft-a v2 (full): tensor 'w' has shape [2, 3]; the reference has [2, 2]
+    osd.registry.weights.WeightValidationError: draft-a v2 (full): tensor 'w' has shape [2, 3]; the reference has [2, 2]
 
-Modules: :mod:`osd.weights` (canonical bytes, checksums, reference checks),
-:mod:`osd.registry_store` (metadata, and the memory and disk stores) and :mod:`osd.gate`
+Modules: :mod:`osd.registry.weights` (canonical bytes, checksums, reference checks),
+:mod:`osd.registry.store` (metadata, and the memory and disk stores) and :mod:`osd.registry.gate`
 (the promotion gate: candidate vs live expected acceptance on held-out records). Their
 public names are re-exported here.
 """
@@ -61,14 +61,14 @@ import torch
 from torch import Tensor
 
 from osd.distill.record import DistillRecord
-from osd.gate import (
+from osd.registry.gate import (
     AcceptanceEstimate,
     GateDecision,
     PromotionGate,
     draft_acceptance,
     sparse_target,
 )
-from osd.registry_store import (
+from osd.registry.store import (
     KINDS,
     STATUSES,
     DiskStore,
@@ -82,7 +82,7 @@ from osd.registry_store import (
     _check_version,
     check_drafter_id,
 )
-from osd.weights import (
+from osd.registry.weights import (
     TensorSpec,
     WeightValidationError,
     check_weights,

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from osd.spec.drafters.base import DecodeState, Drafter, StepResult
-from osd.spec.kvcache import cache_len, compact
-from osd.spec.sampling import SamplingParams, warp_probs
-from osd.spec.tree import TokenTree, ancestor_matrix
-from osd.spec.verify import cached_forward
+from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.specdec.kvcache import cache_len, compact
+from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.specdec.tree import TokenTree, ancestor_matrix
+from osd.specdec.verify import cached_forward
 
 
 @dataclass

@@ -17,7 +17,7 @@ Example (two tensors; the order of the dict does not change the bytes)::
     >>> check_weights({"a": torch.zeros(4)}, {"a": TensorSpec((3,), "float32")}, "draft-a v1")
     Traceback (most recent call last):
     ...
-    osd.weights.WeightValidationError: draft-a v1: tensor 'a' has shape [4]; the reference has [3]
+    osd.registry.weights.WeightValidationError: draft-a v1: tensor 'a' has shape [4]; the reference has [3]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The drafter interface and the records passed between the engine's stages.
 
 A drafter is small (compare Hugging Face's ``CandidateGenerator``): ``start`` a sequence,
-``propose`` a :class:`~osd.spec.tree.TokenTree`, ``observe`` what was accepted; plus the
+``propose`` a :class:`~osd.specdec.tree.TokenTree`, ``observe`` what was accepted; plus the
 weight surface the registry swaps (``state_dict`` / ``load_state_dict`` / ``version``).
 Per-sequence drafter state lives in ``DecodeState.draft`` so that batched decoding can hold
 many sequences at once.
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from osd.spec.accept import AcceptResult
-from osd.spec.sampling import SamplingParams
-from osd.spec.tree import TokenTree
+from osd.specdec.accept import AcceptResult
+from osd.specdec.sampling import SamplingParams
+from osd.specdec.tree import TokenTree
 
 
 @dataclass
@@ -33,6 +33,7 @@ class DecodeState:
     target_hidden: torch.Tensor | None = None  # [L, H] target last hidden states, newest last
     finished: bool = False
     finish_reason: str | None = None
+    released: bool = False  # the engine freed its caches (SpeculativeDecoder.release)
 
     @property
     def new_tokens(self) -> int:

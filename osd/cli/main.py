@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from osd.cli_common import DataDir, console, fail
+from osd.cli.common import DataDir, console, fail
 
 app = typer.Typer(
     help="OSD: online speculative decoding — serve with speculative decoding and keep "
@@ -169,7 +169,9 @@ def generate(
     target: Annotated[str, typer.Option(help="Target model: zoo:NAME, path or Hub id.")] = (
         "zoo:target"
     ),
-    drafter: Annotated[str, typer.Option(help="none, draft_model or ngram.")] = "draft_model",
+    drafter: Annotated[
+        str, typer.Option(help="Drafter by name: none, draft_model, ngram (see osd.drafters).")
+    ] = "draft_model",
     draft: Annotated[str, typer.Option(help="Draft model for --drafter draft_model.")] = (
         "zoo:draft"
     ),
@@ -196,19 +198,19 @@ def generate(
     ] = False,
 ) -> None:
     """Generate with speculative decoding; prints the text and acceptance statistics."""
+    from osd.drafters import build_drafter, drafter_spec
     from osd.models import load_model, load_tokenizer
-    from osd.spec.controller import SpeculationController
-    from osd.spec.drafters import make_drafter
-    from osd.spec.engine import SpeculativeDecoder
-    from osd.spec.sampling import SamplingParams
+    from osd.specdec.controller import SpeculationController
+    from osd.specdec.engine import SpeculativeDecoder
+    from osd.specdec.sampling import SamplingParams
 
     try:
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         model, tok = load_model(target), load_tokenizer(target)
-        draft_model = load_model(draft) if drafter == "draft_model" else None
+        draft_model = load_model(draft) if drafter_spec(drafter).needs_draft else None
         dec = SpeculativeDecoder(
             model,
-            make_drafter(drafter, draft_model, k=k, tree=tree),
+            build_drafter(drafter, model, draft_model, lenient=True, k=k, tree=tree),
             tok,
             controller=SpeculationController(k_max=k) if adaptive else None,
         )
@@ -246,7 +248,7 @@ def bench(
     """Target-only vs HF assisted generation vs our drafters, one process, same prompts."""
     import torch
 
-    from osd.bench import run_bench
+    from osd.bench.decode import run_bench
 
     if threads:
         torch.set_num_threads(threads)
@@ -402,7 +404,7 @@ def online(
         console.print(f"wrote {plot}")
 
 
-from osd.cli_cluster import demo, launch, replay, serve  # noqa: E402  (Ray imported lazily)
+from osd.cli.cluster import demo, launch, replay, serve  # noqa: E402  (Ray imported lazily)
 
 app.command()(demo)
 app.command()(serve)

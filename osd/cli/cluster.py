@@ -1,6 +1,6 @@
 """The cluster commands of ``osd``: ``demo``, ``serve``, ``launch``, ``replay``.
 
-Registered on the main app in ``osd/cli.py`` (``app.command()(demo)`` …). Ray, Serve and
+Registered on the main app in ``osd/cli/main.py`` (``app.command()(demo)`` …). Ray, Serve and
 HTTP live in ``osd.actors``, imported inside each command so that ``osd --help`` and the
 library stay free of them.
 """
@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from osd.cli_common import DataDir, console, fail
+from osd.cli.common import DataDir, console, fail
 
 __all__ = ["demo", "launch", "replay", "serve"]
 

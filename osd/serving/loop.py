@@ -1,6 +1,6 @@
 """The serving loop of one replica: many requests, one decoder, hot-swaps between steps.
 
-A :class:`ServingLoop` owns a :class:`~osd.spec.engine.SpeculativeDecoder` and one thread
+A :class:`ServingLoop` owns a :class:`~osd.specdec.engine.SpeculativeDecoder` and one thread
 that steps the active sequences round-robin — one speculative step of each in turn
 (sequences are independent: the state is per sequence, DESIGN §3). Between any two steps
 it may **adopt** new drafter weights offered with :meth:`ServingLoop.offer_weights`; a
@@ -42,9 +42,9 @@ import torch
 
 from osd.distill.collect import RecordCollector
 from osd.distill.record import DistillRecord
-from osd.spec.drafters.base import DecodeState
-from osd.spec.engine import DecodeStats, SpeculativeDecoder
-from osd.spec.sampling import SamplingParams
+from osd.drafters.base import DecodeState
+from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams
 
 __all__ = ["Delta", "RequestResult", "ServeRequest", "ServingLoop", "SwapEvent", "visible_text"]
 
@@ -148,7 +148,7 @@ class _Seq:
 class ServingLoop:
     """Round-robin speculative decoding of many sequences on one thread; see the module doc.
 
-    ``collector`` (optional) is attached to the decoder; ``on_record`` receives each
+    ``collector`` (optional) is added to the decoder's step observers; ``on_record`` receives each
     finished request's distill record *after* the request's final event was delivered,
     so logging never delays a response. ``on_swap`` receives each :class:`SwapEvent`.
     """
@@ -171,7 +171,7 @@ class ServingLoop:
         self.drafter_id = drafter_id
         self.collector = collector
         if collector is not None:
-            collector.attach(decoder)
+            decoder.add_observer(collector)
         self.on_record = on_record
         self.on_swap = on_swap
         self.max_active = max_active

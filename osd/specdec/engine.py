@@ -14,21 +14,34 @@ Stopping. A step emits ``accepted + 1`` tokens; the commit cuts them at the firs
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
-from osd.spec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
-from osd.spec.drafters.base import DecodeState, Drafter, StepResult
-from osd.spec.kvcache import compact, keep_slots
-from osd.spec.ledger import Ledger
-from osd.spec.sampling import SamplingParams, warp_probs
-from osd.spec.tree import TokenTree
-from osd.spec.verify import prefill, verify_tree
+from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.specdec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
+from osd.specdec.kvcache import compact, keep_slots
+from osd.specdec.ledger import Ledger
+from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.specdec.tree import TokenTree
+from osd.specdec.verify import prefill, verify_tree
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepObserver(Protocol):
+    """Declared by whoever watches the engine's steps (record collection, metrics, the
+    speculation controller): what it needs kept, and what it does with each step."""
+
+    wants_logits: bool  # keep the verifier's logits in StepResult.target_logits
+    wants_hidden: bool  # ... and its last hidden states in StepResult.target_hidden
+
+    def on_step(self, state: DecodeState, step: StepResult, ledger: Ledger) -> None: ...
+    def on_release(self, state: DecodeState) -> None: ...
 
 
 @dataclass
@@ -125,7 +138,7 @@ class SpeculativeDecoder:
         *,
         controller=None,
         ledger: Ledger | None = None,
-        on_step: Callable[[DecodeState, StepResult], None] | None = None,
+        observers: Sequence[StepObserver] = (),
         typical: tuple[float, float] | None = None,
     ) -> None:
         """``typical=(epsilon, delta)`` turns on Medusa's typical acceptance at T > 0:
@@ -137,11 +150,19 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.controller = controller
         self.ledger = ledger or Ledger()
-        self.on_step = on_step
         self.eos = _eos_ids(target, tokenizer)
         self.context = int(getattr(target.config, "max_position_embeddings", 1 << 30))
-        self.keep_logits = False  # set by record loggers that need the verifier's logits
-        self.keep_hidden = False  # ... and its last hidden states (records for head drafters)
+        self.observers: list[StepObserver] = []
+        self.keep_logits = self.keep_hidden = False
+        for obs in [*observers, *([controller] if controller is not None else [])]:
+            self.add_observer(obs)
+
+    def add_observer(self, observer: StepObserver) -> None:
+        """Register a step observer; the engine keeps what it declares it wants."""
+        if observer not in self.observers:
+            self.observers.append(observer)
+        self.keep_logits |= bool(observer.wants_logits)
+        self.keep_hidden |= bool(observer.wants_hidden)
 
     # -- input boundary ----------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -229,13 +250,28 @@ class SpeculativeDecoder:
             step = self._commit(state, tree, result, prefix, logits, hidden)
         if stats is not None:
             stats.record(tree.max_depth, len(result.path), len(step.emitted))
-        if self.controller is not None:
-            self.controller.observe(tree.max_depth, len(result.path), self.ledger)
         with self.ledger.time("observe"):
             self.drafter.observe(state, step)
-        if self.on_step is not None:
-            self.on_step(state, step)
+        for obs in self.observers:
+            obs.on_step(state, step, self.ledger)
         return step
+
+    def step_batch(
+        self, states: Sequence[DecodeState], stats: Sequence[DecodeStats | None] | None = None
+    ) -> list[StepResult]:
+        """One step of each of ``states`` (none finished)."""
+        stats = stats or [None] * len(states)
+        return [self.step(s, st) for s, st in zip(states, stats, strict=True)]
+
+    def release(self, state: DecodeState) -> None:
+        """A sequence leaves the engine (finished or dropped): free what it holds and tell
+        the observers. Idempotent."""
+        if state.released:
+            return
+        state.released = True
+        state.target_cache = state.draft = None
+        for obs in self.observers:
+            obs.on_release(state)
 
     def _accept(self, state: DecodeState, tree, logits: torch.Tensor) -> AcceptResult:
         if state.sampling.greedy:
@@ -298,6 +334,7 @@ class SpeculativeDecoder:
         state = self.start(prompt, max_new_tokens, sampling)
         while not state.finished:
             self.step(state, stats)
+        self.release(state)
         new = state.tokens[state.prompt_len :]
         text = self.tokenizer.decode(new) if self.tokenizer is not None else None
         used = Ledger()

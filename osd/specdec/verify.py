@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from osd.spec.kvcache import cache_len
-from osd.spec.tree import TokenTree, tree_attention_mask, tree_position_ids
+from osd.specdec.kvcache import cache_len
+from osd.specdec.tree import TokenTree, tree_attention_mask, tree_position_ids
 
 
 def cached_forward(

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from osd.drafters import build_drafter
 from osd.models import load_model, load_tokenizer
-from osd.spec.controller import SpeculationController
-from osd.spec.drafters import make_drafter
-from osd.spec.engine import DecodeStats, SpeculativeDecoder
-from osd.spec.ledger import Ledger
+from osd.specdec.controller import SpeculationController
+from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.ledger import Ledger
 from osd.workloads.datasets import load_domain, parse_domains
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,9 @@ def _runner(
             return out[0, len(ids) :].tolist(), None, None
 
         return run
-    drafter = make_drafter(method.drafter, draft, k=method.k, tree=method.tree)
+    drafter = build_drafter(
+        method.drafter, target, draft, lenient=True, k=method.k, tree=method.tree
+    )
     controller = SpeculationController(k_max=method.k) if method.adaptive else None
     dec = SpeculativeDecoder(target, drafter, tok, controller=controller)
     if ignore_eos:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from osd.weights import TensorSpec
+from osd.registry.weights import TensorSpec
 
 __all__ = [
     "KINDS",

@@ -1,0 +1,1 @@
+"""Benchmarks: decoding speed (``decode``) and serving throughput (``serving``)."""

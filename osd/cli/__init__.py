@@ -1,0 +1,1 @@
+"""The ``osd`` command (typer): ``main`` holds the app, ``cluster`` the Ray commands."""

@@ -1,0 +1,122 @@
+"""Drafters, one per file, and the one way to build them: :func:`build_drafter` by name.
+
+Every caller that needs a drafter — ``osd generate``, ``osd bench``, the Serve replica, the
+trainer, the gate, the registry actor and the one-process loop — builds it here, so a new
+drafter is registered once in :data:`DRAFTERS` and is then served, trained and gated by
+the same code.
+
+>>> sorted(DRAFTERS)
+['draft_model', 'ngram', 'none']
+>>> build_drafter("ngram", None, k=3).k
+3
+>>> build_drafter("ngram", None, depth=3)
+Traceback (most recent call last):
+    ...
+ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters.ngram import NgramDrafter
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """How to build one kind of drafter.
+
+    ``build(target, draft, **config)`` makes it; ``needs_draft`` says it needs a separate
+    draft model (``--draft``); ``summary`` is what ``--help`` and errors show.
+    """
+
+    name: str
+    build: Callable[..., Drafter]
+    needs_draft: bool
+    summary: str
+
+    def options(self) -> list[str]:
+        params = inspect.signature(self.build).parameters
+        return [p for p in params if p not in ("target", "draft")]
+
+
+def _none(target=None, draft=None) -> Drafter:
+    return Drafter()
+
+
+def _draft_model(
+    target=None,
+    draft=None,
+    k: int = 4,
+    tree: str | tuple[int, ...] | None = None,
+    without_replacement: bool = True,
+) -> Drafter:
+    if draft is None:
+        raise ValueError("drafter 'draft_model' needs a draft model (--draft zoo:draft)")
+    return DraftModelDrafter(draft, k=k, tree=tree, without_replacement=without_replacement)
+
+
+def _ngram(target=None, draft=None, k: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> Drafter:
+    return NgramDrafter(k=k, max_ngram=max_ngram, min_ngram=min_ngram)
+
+
+DRAFTERS: dict[str, DrafterSpec] = {
+    s.name: s
+    for s in (
+        DrafterSpec("none", _none, False, "no drafter: plain target decoding"),
+        DrafterSpec(
+            "draft_model", _draft_model, True, "a separate draft model: chain of k or k-config tree"
+        ),
+        DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
+    )
+}
+
+
+def drafter_spec(name: str) -> DrafterSpec:
+    try:
+        return DRAFTERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown drafter {name!r}; choose from {', '.join(sorted(DRAFTERS))}"
+        ) from None
+
+
+def build_drafter(
+    name: str, target=None, draft=None, *, lenient: bool = False, **config: Any
+) -> Drafter:
+    """Build the drafter registered as ``name`` with its options (``k``, ``tree``, …).
+
+    Options it does not take are an error that lists those it does — or, with
+    ``lenient=True`` (CLI flags shared by all drafters), dropped. ``None`` values are
+    dropped so that CLI defaults pass through.
+    """
+    spec = drafter_spec(name)
+    config = {k: v for k, v in config.items() if v is not None}
+    allowed = spec.options()
+    bad = sorted(set(config) - set(allowed))
+    if lenient:
+        config = {k: v for k, v in config.items() if k in allowed}
+    elif bad:
+        raise ValueError(
+            f"drafter {name!r} takes no option {bad[0]!r}; it takes: "
+            f"{', '.join(allowed) or 'nothing'}"
+        )
+    return spec.build(target=target, draft=draft, **config)
+
+
+__all__ = [
+    "DRAFTERS",
+    "DecodeState",
+    "DraftModelDrafter",
+    "Drafter",
+    "DrafterSpec",
+    "NgramDrafter",
+    "StepResult",
+    "build_drafter",
+    "drafter_spec",
+]

@@ -1,0 +1,64 @@
+"""The weight registry: versions per drafter, validation, the promotion gate, stores.
+
+Flow: a trainer **publishes** a candidate (validated: names, shapes, dtypes, finiteness,
+checksum) → the **gate** scores it against the live version on held-out records → it is
+**promoted** (live) or **rejected**; replicas poll the live version and hot-swap it.
+
+Modules: :mod:`~osd.registry.weights` (canonical bytes, checksums, checks),
+:mod:`~osd.registry.store` (metadata; memory and disk stores), :mod:`~osd.registry.gate`
+(expected acceptance on held-out records), :mod:`~osd.registry.versions` (the registry).
+"""
+
+from osd.registry.gate import (
+    AcceptanceEstimate,
+    GateDecision,
+    PromotionGate,
+    draft_acceptance,
+    sparse_target,
+)
+from osd.registry.store import (
+    KINDS,
+    STATUSES,
+    DiskStore,
+    DrafterMeta,
+    MemoryStore,
+    RegistryError,
+    RegistryStore,
+    VersionInfo,
+    check_drafter_id,
+)
+from osd.registry.versions import Registry
+from osd.registry.weights import (
+    TensorSpec,
+    WeightValidationError,
+    check_weights,
+    checksum,
+    spec_of,
+    weights_from_bytes,
+    weights_to_bytes,
+)
+
+__all__ = [
+    "KINDS",
+    "STATUSES",
+    "AcceptanceEstimate",
+    "DiskStore",
+    "DrafterMeta",
+    "GateDecision",
+    "MemoryStore",
+    "PromotionGate",
+    "Registry",
+    "RegistryError",
+    "RegistryStore",
+    "TensorSpec",
+    "VersionInfo",
+    "WeightValidationError",
+    "check_drafter_id",
+    "check_weights",
+    "checksum",
+    "draft_acceptance",
+    "sparse_target",
+    "spec_of",
+    "weights_from_bytes",
+    "weights_to_bytes",
+]
