@@ -6,7 +6,7 @@ One :class:`ClusterConfig` describes everything ``osd serve``, ``osd launch`` an
     target: zoo:target
     draft: zoo:draft
     buffer: {url: null, log_mode: all}      # null: $REDIS_URL, else a private redis-server
-    serve: {replicas: 1, num_cpus: 1, port: 8000}
+    serve: {replicas: 1, num_cpus: 1, port: 8000, max_batch: 32}
     trainer: {count: 1, num_cpus: 0.5, loss: fkl, lr: 0.0003}
 
 Unknown keys are errors (a typo must not silently fall back to a default). The config
@@ -95,14 +95,15 @@ class RegistryConfig:
 
 @dataclass
 class ServeConfig:
-    """Ray Serve replicas and their HTTP endpoint."""
+    """Ray Serve replicas, their HTTP endpoint, how they batch and the drafter's options."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractional: several replicas (and trainers) share a GPU
-    max_active: int = 8  # sequences decoded round-robin per replica
+    drafter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {tree: "4,2,2"}
+    max_batch: int = 32  # sequences stepped together per replica (continuous batching)
     max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
     threads: int = 1  # torch intra-op threads per replica (1 on small CPUs)
 
@@ -112,9 +113,29 @@ class ServeConfig:
         _need(_int(self.replicas, 1), "serve.replicas must be an int >= 1")
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "serve.num_cpus must be >= 0")
         _need(_num(self.num_gpus) and self.num_gpus >= 0, "serve.num_gpus must be >= 0")
-        _need(_int(self.max_active, 1), "serve.max_active must be an int >= 1")
+        _need(
+            isinstance(self.drafter_options, dict),
+            f"serve.drafter_options must be a mapping, got {self.drafter_options!r}",
+        )
+        _need(_int(self.max_batch, 1), "serve.max_batch must be an int >= 1")
         _need(_int(self.max_ongoing_requests, 1), "serve.max_ongoing_requests must be >= 1")
         _need(_int(self.threads, 1), "serve.threads must be an int >= 1")
+
+    def drafter_config(self, drafter: str, k: int) -> dict[str, Any]:
+        """The options a replica passes to ``osd.drafters.build_drafter(drafter, ...)``: the
+        topology's draft length ``k`` where the drafter takes one, then ``drafter_options``
+        (which win). Raises ``ValueError`` for an option the drafter does not take."""
+        from osd.drafters import drafter_spec
+
+        allowed = drafter_spec(drafter).options()
+        bad = sorted(set(self.drafter_options) - set(allowed))
+        if bad:
+            raise ValueError(
+                f"serve.drafter_options: drafter {drafter!r} takes no option {bad[0]!r}; it "
+                f"takes: {', '.join(allowed) or 'nothing'}"
+            )
+        config = {"k": k} if "k" in allowed else {}
+        return {**config, **self.drafter_options}
 
 
 @dataclass

@@ -112,7 +112,7 @@ class OSDServer:
             collector=RecordCollector(log_cfg),
             on_record=self.sink.submit,
             on_swap=self._on_swap,
-            max_active=cfg.serve.max_active,
+            max_batch=cfg.serve.max_batch,
         ).start()
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
         self._stop = threading.Event()

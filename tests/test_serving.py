@@ -1,6 +1,7 @@
-"""The serving loop: round-robin decoding, hot-swaps between steps, stop strings, records."""
+"""The serving loop: continuous batching, hot-swaps between steps, stop strings, records."""
 
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_visible_text_worked_examples():
 
 def test_concurrent_greedy_requests_match_target_and_survive_a_swap(models):
     records: list = []
-    loop = make_loop(models, records, max_active=2)  # 3 requests: one waits for a slot
+    loop = make_loop(models, records, max_batch=2)  # 3 requests: one waits for a slot
     tok = models[2]
     ev = Events(len(PROMPTS))
     ids = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
@@ -172,3 +173,149 @@ def test_bad_weights_keep_the_old_version(models):
     ev.wait()
     loop.stop()
     assert loop.version == 0 and loop.swaps == [] and ev.result("x").version_end == 0
+
+
+# -- continuous batching, on the shipped zoo -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return (
+        load_model("zoo:target", "cpu"),
+        load_model("zoo:draft", "cpu"),
+        load_tokenizer("zoo:target"),
+    )
+
+
+class Spy:
+    """A real decoder that records each step_batch's size and counts release() per state."""
+
+    def __init__(self, decoder: SpeculativeDecoder, max_batch: int | None = None) -> None:
+        self.inner = decoder
+        if max_batch is not None:
+            self.max_batch = max_batch
+        self.started: list = []
+        self.released: Counter = Counter()
+        self.batches: list[int] = []
+        self.fail_next = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def start(self, *args, **kw):
+        state = self.inner.start(*args, **kw)
+        self.started.append(state)
+        return state
+
+    def step_batch(self, states, stats):
+        assert not any(s.finished or s.released for s in states), "stepped a retired sequence"
+        assert len(states) <= getattr(self, "max_batch", len(states))
+        self.batches.append(len(states))
+        if self.fail_next:
+            self.fail_next = False
+            raise IndexError("injected engine bug")
+        return self.inner.step_batch(states, stats)
+
+    def release(self, state):
+        self.released[id(state)] += 1
+        self.inner.release(state)
+
+    def released_once(self) -> bool:
+        return all(self.released[id(s)] == 1 for s in self.started) and len(self.released) == len(
+            self.started
+        )
+
+
+def spy_loop(zoo, max_batch: int = 32, engine_max: int | None = None) -> tuple[ServingLoop, Spy]:
+    target, draft, tok = zoo
+    spy = Spy(SpeculativeDecoder(target, DraftModelDrafter(draft, k=4), tok), engine_max)
+    return ServingLoop(spy, max_batch=max_batch).start(), spy
+
+
+def ragged_prompts(tok, lengths: list[int]) -> list[list[int]]:
+    text = " ".join(PROMPTS) + " Instruction: list three colours.\nOutput: red, green"
+    ids = tok(text * 3, add_special_tokens=False).input_ids
+    return [ids[i : i + n] for i, n in enumerate(lengths)]
+
+
+def test_requests_admitted_mid_flight_match_their_output_alone(zoo):
+    loop, spy = spy_loop(zoo)
+    tok = zoo[2]
+    first, *later = ragged_prompts(tok, [9, 4, 15, 22])
+    ev = Events(4)
+    streaming = threading.Event()
+    cb = ev.callback("r0")
+    loop.submit(ServeRequest("r0", first, 40), lambda d: (cb(d), streaming.set()))
+    assert streaming.wait(30)  # r0 is in flight: the others join its batch
+    for i, ids in enumerate(later, 1):
+        loop.submit(ServeRequest(f"r{i}", ids, 16 + 4 * i), ev.callback(f"r{i}"))
+    ev.wait()
+    loop.stop()
+    for i, ids in enumerate([first, *later]):
+        r = ev.result(f"r{i}")
+        assert r.token_ids == target_greedy(zoo, ids, 40 if i == 0 else 16 + 4 * i)
+        assert "".join(d.text for d in ev.by_id[f"r{i}"]) == r.text
+    assert max(spy.batches) >= 2  # they were stepped together
+    assert spy.released_once() and loop.failed == 0
+
+
+def test_many_ragged_concurrent_requests_all_finish_correctly(zoo):
+    loop, spy = spy_loop(zoo, max_batch=5)  # 12 requests: most wait for a slot
+    tok = zoo[2]
+    lengths = [3, 17, 6, 28, 11, 2, 23, 8, 14, 5, 30, 9]
+    budgets = [1, 12, 20, 3, 16, 7, 24, 2, 9, 18, 5, 13]
+    prompts = ragged_prompts(tok, lengths)
+    ev = Events(len(prompts))
+    for i, (ids, n) in enumerate(zip(prompts, budgets, strict=True)):
+        loop.submit(ServeRequest(f"r{i}", ids, n), ev.callback(f"r{i}"))
+    ev.wait()
+    loop.stop()
+    for i, (ids, n) in enumerate(zip(prompts, budgets, strict=True)):
+        r = ev.result(f"r{i}")
+        assert r.token_ids == target_greedy(zoo, ids, n), f"r{i}"
+        assert r.finish_reason == ("length" if r.completion_tokens == n else "stop")
+        assert r.prompt_tokens == len(ids)
+    assert max(spy.batches) == 5 and min(spy.batches) >= 1
+    assert len(spy.started) == 12 and spy.released_once()
+    assert loop.finished == 12 and loop.failed == 0 and loop.steps == len(spy.batches)
+
+
+def test_release_once_for_cancelled_stopped_and_failed_requests(zoo):
+    loop, spy = spy_loop(zoo)
+    tok = zoo[2]
+    ids = tok(PROMPTS[0], add_special_tokens=False).input_ids
+    ev = Events(1)
+    streaming = threading.Event()
+    loop.submit(ServeRequest("gone", ids, 200), lambda d: streaming.set())
+    assert streaming.wait(30)
+    loop.cancel("gone")  # in flight: dropped between two steps
+    loop.submit(ServeRequest("cut", ids, 24, stop=(" ",)), ev.callback("cut"))
+    ev.wait()
+    assert ev.result("cut").finish_reason == "stop"
+    spy.fail_next = True  # the next batch raises: both of its sequences fail ...
+    ev2 = Events(2)
+    for rid in ("a", "b"):
+        loop.submit(ServeRequest(rid, ids, 8), ev2.callback(rid))
+    ev2.wait()
+    errors = [ev2.by_id[rid][-1].error for rid in ("a", "b") if ev2.by_id[rid][-1].error]
+    assert errors and all(isinstance(e, RuntimeError) and "injected" in str(e) for e in errors)
+    ev3 = Events(1)  # ... and the loop keeps serving
+    loop.submit(ServeRequest("after", ids, 6), ev3.callback("after"))
+    ev3.wait()
+    loop.stop()
+    assert ev3.result("after").token_ids == target_greedy(zoo, ids, 6)
+    assert spy.released_once() and loop.load == (0, 0)
+
+
+def test_max_batch_is_bounded_by_the_engine(zoo):
+    loop, spy = spy_loop(zoo, max_batch=32, engine_max=2)
+    assert loop.max_batch == 2
+    tok = zoo[2]
+    ev = Events(4)
+    for i, ids in enumerate(ragged_prompts(tok, [5, 6, 7, 8])):
+        loop.submit(ServeRequest(f"r{i}", ids, 6), ev.callback(f"r{i}"))
+    ev.wait()
+    loop.stop()
+    assert max(spy.batches) <= 2 and spy.released_once()
+    with pytest.raises(ValueError, match="max_batch"):
+        ServingLoop(spy, max_batch=0)

@@ -1,17 +1,30 @@
-"""The serving loop of one replica: many requests, one decoder, hot-swaps between steps.
+"""The serving loop of one replica: continuous batching, one decoder, hot-swaps between steps.
 
-A :class:`ServingLoop` owns a :class:`~osd.specdec.engine.SpeculativeDecoder` and one thread
-that steps the active sequences round-robin — one speculative step of each in turn
-(sequences are independent: the state is per sequence, DESIGN §3). Between any two steps
-it may **adopt** new drafter weights offered with :meth:`ServingLoop.offer_weights`; a
-step is never interrupted, and no sequence is dropped or restarted by a swap (the draft's
-KV cache of a sequence in flight was built by the old weights: acceptance may dip for a
-few steps, the output does not change — verification keeps it lossless).
+A :class:`ServingLoop` owns a :class:`~osd.specdec.engine.SpeculativeDecoder` and one thread.
+Each turn of the loop (**continuous batching**, as vLLM / Orca schedule):
+
+1. **adopt** drafter weights offered with :meth:`ServingLoop.offer_weights`, if any;
+2. **retire** cancelled sequences and **admit** waiting requests while fewer than
+   ``max_batch`` are active (prefill each one);
+3. **step** every active sequence by one speculative step in **one**
+   ``decoder.step_batch`` call (one target forward for the whole batch);
+4. per sequence: decode the text, apply the stop strings, stream a :class:`Delta`, and
+   retire the finished ones (``decoder.release`` frees the sequence's KV slot) — so a
+   waiting request takes the slot at the next turn, not when the whole batch is done.
+
+A step is never interrupted: weights change only between two steps, and no sequence is
+dropped or restarted by a swap (the draft's KV cache of a sequence in flight was built by
+the old weights: acceptance may dip for a few steps, the output does not change —
+verification keeps it lossless). Sequences are independent (the state is per sequence,
+DESIGN §3), so a request's output does not depend on what it was batched with.
 
 Terms:
 
-- **admit**: a submitted request gets a slot (at most ``max_active`` at once) and its
-  prefill; the rest wait in the inbox, first come first served.
+- **admit**: a submitted request gets a slot (at most ``max_batch`` at once, and no more
+  than the engine's own ``max_batch``) and its prefill; the rest wait in the inbox, first
+  come first served.
+- **retire**: a sequence leaves the batch — finished, stopped by a stop string, cancelled
+  or failed; ``decoder.release`` is called exactly once for every started sequence.
 - **event**: what the loop tells the submitter, from the loop thread: a :class:`Delta`
   with new text, and at the end one with ``result`` (or ``error``) set.
 - **stop strings**: the text is cut at the first occurrence of any of them (which is not
@@ -25,8 +38,11 @@ Worked example of the hold-back, stop ``["\\n\\n"]``: after step 1 the text is
 sent. Step 2 adds ``"\\nQ"``: the stop string is found, the final text is
 ``"4 + 4 = 8"`` and the finish reason ``"stop"``.
 
+If ``step_batch`` raises (an engine bug), every sequence of that batch fails with a
+``RuntimeError`` delivered to its submitter, and the loop keeps serving the others.
+
 The loop is not Ray-specific: the Serve replica (``osd.actors.server``) feeds it from HTTP
-handlers; tests drive it directly.
+handlers, ``osd bench --serving`` from client threads; tests drive it directly.
 """
 
 from __future__ import annotations
@@ -146,11 +162,13 @@ class _Seq:
 
 
 class ServingLoop:
-    """Round-robin speculative decoding of many sequences on one thread; see the module doc.
+    """Continuous-batching speculative decoding on one thread; see the module doc.
 
-    ``collector`` (optional) is added to the decoder's step observers; ``on_record`` receives each
-    finished request's distill record *after* the request's final event was delivered,
-    so logging never delays a response. ``on_swap`` receives each :class:`SwapEvent`.
+    ``max_batch`` bounds the sequences stepped together (clamped to the engine's own
+    ``decoder.max_batch`` where it declares one). ``collector`` (optional) is added to
+    the decoder's step observers; ``on_record`` receives each finished request's distill
+    record *after* the request's final event was delivered, so logging never delays a
+    response. ``on_swap`` receives each :class:`SwapEvent`.
     """
 
     def __init__(
@@ -161,12 +179,16 @@ class ServingLoop:
         collector: RecordCollector | None = None,
         on_record: Callable[[DistillRecord], None] | None = None,
         on_swap: Callable[[SwapEvent], None] | None = None,
-        max_active: int = 8,
+        max_batch: int = 32,
     ) -> None:
-        if isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1:
-            raise ValueError(f"max_active must be an int >= 1, got {max_active!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if decoder.tokenizer is None:
             raise ValueError("the serving loop needs a decoder with a tokenizer (it returns text)")
+        engine_max = getattr(decoder, "max_batch", None)
+        if engine_max is not None and max_batch > engine_max:
+            log.info("max_batch %d > the engine's %d: using %d", max_batch, engine_max, engine_max)
+            max_batch = int(engine_max)
         self.decoder = decoder
         self.drafter_id = drafter_id
         self.collector = collector
@@ -174,7 +196,7 @@ class ServingLoop:
             decoder.add_observer(collector)
         self.on_record = on_record
         self.on_swap = on_swap
-        self.max_active = max_active
+        self.max_batch = max_batch
         self._cond = threading.Condition()
         self._inbox: deque[_Seq] = deque()
         self._active: list[_Seq] = []
@@ -185,6 +207,8 @@ class ServingLoop:
         self.swaps: list[SwapEvent] = []
         self.finished = 0
         self.failed = 0
+        self.steps = 0  # step_batch calls
+        self.stepped = 0  # sequence steps over all of them (mean batch = stepped / steps)
 
     # -- control ---------------------------------------------------------------------------
     @property
@@ -200,6 +224,11 @@ class ServingLoop:
         """(active, waiting) sequences."""
         with self._cond:
             return len(self._active), len(self._inbox)
+
+    @property
+    def mean_batch(self) -> float:
+        """Sequences per ``step_batch`` call so far."""
+        return self.stepped / self.steps if self.steps else 0.0
 
     def start(self) -> ServingLoop:
         if self._thread is None:
@@ -252,19 +281,19 @@ class ServingLoop:
                     self._cond.wait()
                 if self._stopping and not self._inbox and not self._active:
                     break
-                admit = []
-                while self._inbox and len(self._active) + len(admit) < self.max_active:
-                    admit.append(self._inbox.popleft())
                 cancelled, self._cancelled = self._cancelled, set()
-            self._adopt()
+                gone = [s for s in self._active if s.request.request_id in cancelled]
+                admit = []
+                while self._inbox and len(self._active) - len(gone) + len(admit) < self.max_batch:
+                    admit.append(self._inbox.popleft())
+            for seq in gone:
+                self._retire(seq, discard=True)
+                log.info("dropped %s: cancelled", seq.request.request_id)
+            self._adopt()  # between steps, never inside one
             for seq in admit:
                 self._admit(seq, cancelled)
-            for seq in list(self._active):
-                if seq.request.request_id in cancelled:
-                    self._drop(seq, "cancelled")
-                    continue
-                self._adopt()  # between steps, never inside one
-                self._step(seq)
+            if self._active:
+                self._step_batch()
         log.info("serving loop stopped after %d requests", self.finished)
 
     def _adopt(self) -> None:
@@ -300,18 +329,32 @@ class ServingLoop:
             return
         self._active.append(seq)
 
-    def _step(self, seq: _Seq) -> None:
+    def _step_batch(self) -> None:
+        """One ``step_batch`` over every active sequence, then each one's text and events."""
+        batch = list(self._active)
+        try:
+            self.decoder.step_batch([s.state for s in batch], [s.stats for s in batch])
+        except Exception as err:  # an engine bug: the whole batch fails, the loop lives on
+            log.error("decode step of a batch of %d failed", len(batch), exc_info=err)
+            failure = RuntimeError(f"decode step failed: {type(err).__name__}: {err}")
+            for seq in batch:
+                self._retire(seq, discard=True)
+                self._fail(seq, failure, logged=True)
+            return
+        self.steps += 1
+        self.stepped += len(batch)
+        for seq in batch:
+            self._after_step(seq)
+
+    def _after_step(self, seq: _Seq) -> None:
         state = seq.state
         try:
-            self.decoder.step(state, seq.stats)
             text = self.decoder.tokenizer.decode(
                 state.tokens[state.prompt_len :], skip_special_tokens=True
             )
             shown, stopped = visible_text(text, seq.request.stop)
         except Exception as err:
-            self._active.remove(seq)
-            if self.collector is not None:
-                self.collector.discard(state)
+            self._retire(seq, discard=True)
             self._fail(seq, err)
             return
         if stopped:
@@ -323,8 +366,18 @@ class ServingLoop:
             if delta:
                 self._call(seq.on_event, Delta(delta))
             return
-        self._active.remove(seq)
+        self._retire(seq)
         self._finish(seq, delta)
+
+    def _retire(self, seq: _Seq, discard: bool = False) -> None:
+        """Take ``seq`` out of the batch and free its slot (``discard``: its rows too)."""
+        self._active.remove(seq)
+        if self.collector is not None and discard:
+            self.collector.discard(seq.state)
+        try:
+            self.decoder.release(seq.state)
+        except Exception:
+            log.exception("could not release the state of %s", seq.request.request_id)
 
     def _finish(self, seq: _Seq, delta: str) -> None:
         state, req = seq.state, seq.request
@@ -355,15 +408,9 @@ class ServingLoop:
         if record is not None and self.on_record is not None:
             self._call(self.on_record, record)
 
-    def _drop(self, seq: _Seq, why: str) -> None:
-        self._active.remove(seq)
-        if self.collector is not None and seq.state is not None:
-            self.collector.discard(seq.state)
-        log.info("dropped %s: %s", seq.request.request_id, why)
-
-    def _fail(self, seq: _Seq, err: BaseException) -> None:
+    def _fail(self, seq: _Seq, err: BaseException, logged: bool = False) -> None:
         self.failed += 1
-        if not isinstance(err, ValueError):
+        if not logged and not isinstance(err, ValueError):
             log.error("request %s failed", seq.request.request_id, exc_info=err)
         self._call(seq.on_event, Delta(error=err))
 
