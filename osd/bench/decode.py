@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from osd.drafters import build_drafter
+from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
 from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
@@ -45,17 +45,37 @@ class Method:
     adaptive: bool = False
 
 
-def default_methods(k: int = 4) -> list[Method]:
-    return [
-        Method("target_only (HF)", "hf"),
-        Method(f"hf_assisted k={k}", "hf_assisted", k=k),
-        Method("ours target_only", "ours"),
-        Method(f"ours draft chain k={k}", "ours", "draft_model", k=k),
-        Method("ours draft chain adaptive", "ours", "draft_model", k=8, adaptive=True),
-        Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
-        Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
-        Method(f"ours ngram k={k}", "ours", "ngram", k=k),
-    ]
+DEFAULT_DRAFTERS = ("draft_model", "ngram")
+
+
+def _drafter_methods(name: str, k: int) -> list[Method]:
+    """The variants of one drafter that ``osd bench`` runs; one chain of ``k`` for a
+    drafter with no variants listed here, so every registered drafter can be benched."""
+    if name == "none":
+        return []  # "ours target_only" is always run
+    if name == "draft_model":
+        return [
+            Method(f"ours draft chain k={k}", "ours", "draft_model", k=k),
+            Method("ours draft chain adaptive", "ours", "draft_model", k=8, adaptive=True),
+            Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
+            Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
+        ]
+    return [Method(f"ours {name} k={k}", "ours", name, k=k)]
+
+
+def default_methods(k: int = 4, drafters: Sequence[str] = DEFAULT_DRAFTERS) -> list[Method]:
+    """HF target-only (the reference), our engine with no drafter, and the variants of each
+    drafter named in ``drafters`` (HF assisted generation too when ``draft_model`` is one:
+    the peer of our draft chain)."""
+    for name in drafters:
+        drafter_spec(name)  # an unknown name lists the known ones
+    methods = [Method("target_only (HF)", "hf")]
+    if "draft_model" in drafters:
+        methods.append(Method(f"hf_assisted k={k}", "hf_assisted", k=k))
+    methods.append(Method("ours target_only", "ours"))
+    for name in dict.fromkeys(drafters):  # in order, once each
+        methods += _drafter_methods(name, k)
+    return methods
 
 
 @dataclass

@@ -235,6 +235,31 @@ def bench(
     n: Annotated[int, typer.Option(help="Eval prompts per domain.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
     k: Annotated[int, typer.Option(help="Draft length for the chain methods.")] = 4,
+    drafters: Annotated[
+        str | None,
+        typer.Option(
+            "--drafters",
+            "--drafter",
+            help="Drafters by name, comma-separated (see osd.drafters): the decode bench runs "
+            "each one's variants (default draft_model,ngram); --serving takes one (default "
+            "draft_model, a chain of --k).",
+        ),
+    ] = None,
+    serving: Annotated[
+        bool,
+        typer.Option(
+            "--serving",
+            help="Benchmark the serving loop instead: tokens/s and latency at each "
+            "--concurrency, every prompt once per level.",
+        ),
+    ] = False,
+    concurrency: Annotated[
+        str, typer.Option(help="--serving: concurrent clients per level, e.g. 1,8,32.")
+    ] = "1,8,32",
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="--serving: the loop's max batch (default: the highest concurrency)."),
+    ] = None,
     target: Annotated[str, typer.Option(help="Target model.")] = "zoo:target",
     draft: Annotated[str, typer.Option(help="Draft model (ours and HF assisted).")] = ("zoo:draft"),
     threads: Annotated[
@@ -245,13 +270,27 @@ def bench(
     ),
     data_dir: DataDir = None,
 ) -> None:
-    """Target-only vs HF assisted generation vs our drafters, one process, same prompts."""
+    """Target-only vs HF assisted generation vs our drafters, one process, same prompts;
+    or, with --serving, the serving loop's throughput at several concurrencies."""
     import torch
-
-    from osd.bench.decode import run_bench
 
     if threads:
         torch.set_num_threads(threads)
+    names = [s.strip() for s in drafters.split(",") if s.strip()] if drafters else None
+    if serving:
+        rep = _bench_serving(
+            workload, n, max_new_tokens, k, names, concurrency, max_batch, target, draft, data_dir
+        )
+    else:
+        rep = _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir)
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+def _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir) -> dict:
+    from osd.bench.decode import DEFAULT_DRAFTERS, default_methods, run_bench
+
     with Progress(
         TextColumn("bench"),
         BarColumn(),
@@ -268,6 +307,7 @@ def bench(
                 n=n,
                 max_new_tokens=max_new_tokens,
                 k=k,
+                methods=default_methods(k, names or DEFAULT_DRAFTERS),
                 data_dir=data_dir,
                 progress=lambda i, t: bar.update(task, completed=i, total=t),
             )
@@ -290,9 +330,69 @@ def bench(
             f"{r['matches_target']}/{r['prompts']}",
         )
     console.print(table)
-    if json_out:
-        json_out.write_text(json.dumps(rep, indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+    return rep
+
+
+def _bench_serving(
+    workload, n, max_new_tokens, k, names, concurrency, max_batch, target, draft, data_dir
+) -> dict:
+    from osd.bench.serving import ServingBenchConfig, parse_levels, run_serving_bench
+
+    if names and len(names) > 1:
+        fail(f"--serving compares concurrencies for one drafter; got {', '.join(names)}")
+    try:
+        cfg = ServingBenchConfig(
+            concurrency=parse_levels(concurrency),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            domains=workload,
+            drafter=names[0] if names else "draft_model",
+            k=k,
+            target=target,
+            draft=draft,
+            max_batch=max_batch,
+        ).validate()
+    except ValueError as err:
+        fail(str(err))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} requests"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        tasks = {c: bar.add_task(f"concurrency {c}", total=None) for c in cfg.concurrency}
+
+        def progress(c: int, done: int, total: int) -> None:
+            bar.update(tasks[c], completed=done, total=total)
+
+        try:
+            rep = run_serving_bench(cfg, data_dir, progress)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            fail(str(err))
+    table = Table(
+        title=f"osd bench --serving · {rep['requests_per_level']} requests × "
+        f"{max_new_tokens} tokens per level, drafter {cfg.drafter}, greedy, max batch "
+        f"{rep['max_batch']}, {rep['device']}"
+    )
+    for col in ("concurrency", "tok/s", "× c=1", "p50 s", "p99 s", "batch", "α", "τ", "= c=1"):
+        table.add_column(col, justify="right")
+    for lv in rep["serving"]:
+        ratio = lv.get("ratio_vs_c1")
+        match = lv.get("matches_c1")
+        table.add_row(
+            str(lv["concurrency"]),
+            f"{lv['tokens_per_s']:.1f}",
+            "–" if ratio is None else f"{ratio:.2f}×",
+            f"{lv['p50_s']:.2f}",
+            f"{lv['p99_s']:.2f}",
+            f"{lv['mean_batch']:.1f}",
+            f"{lv['alpha']:.2f}",
+            f"{lv['tau']:.2f}",
+            "–" if match is None else f"{match}/{lv['requests']}",
+        )
+    console.print(table)
+    return rep
 
 
 @app.command()
