@@ -190,6 +190,7 @@ class ClusterConfig:
     model_name: str = "osd"  # the id clients pass as ``model``
     target: str = "zoo:target"
     draft: str = "zoo:draft"
+    drafter: str = "draft_model"  # what replicas serve and trainers train: osd.drafters.DRAFTERS
     drafter_id: str = "draft"
     k: int = 4  # draft length (chain)
     namespace: str = "osd"  # Ray namespace of the named actors
@@ -205,9 +206,17 @@ class ClusterConfig:
             value = getattr(self, name)
             _need(isinstance(value, str) and bool(value), f"{name} must be a non-empty string")
         check_drafter_id(self.drafter_id)
+        from osd.drafters import drafter_spec
+
+        spec = drafter_spec(self.drafter)  # raises, listing the drafters
+        _need(
+            spec.trainable or self.trainer.count == 0,
+            f"drafter {self.drafter!r} has nothing to train; set trainer.count: 0",
+        )
         _need(_int(self.k, 1), f"k must be an int >= 1, got {self.k!r}")
         for name in _SECTIONS:
             getattr(self, name).validate()
+        self.serve.drafter_config(self.drafter, self.k)  # options the drafter does not take
         return self
 
     @property

@@ -36,6 +36,8 @@ from osd.actors.record_sink import holdout_stream
 from osd.buffer import RedisStreamBuffer
 from osd.distill.lora import merge_adapter
 from osd.distill.record import RecordError, decode
+from osd.distill.student import Student
+from osd.drafters import build_drafter, build_student
 from osd.models import load_model
 from osd.registry import (
     DiskStore,
@@ -71,9 +73,13 @@ class RegistryActor:
             store = DiskStore(cfg.registry.store)
         self.registry = Registry(store)
         self.drafter_id = cfg.drafter_id
-        self.base = load_model(cfg.draft, "cpu")
+        # the drafter's student (by name) is what the gate scores and the registry versions
+        drafter = build_drafter(
+            cfg.drafter, None, load_model(cfg.draft, "cpu"), lenient=True, k=cfg.k
+        )
+        self.base: Student = build_student(cfg.drafter, drafter)
         self.registry.register_base(
-            cfg.drafter_id, self.base.state_dict(), provenance={"source": cfg.draft}
+            cfg.drafter_id, self.base.module.state_dict(), provenance={"source": cfg.draft}
         )
         self.gate = PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records)
         self.distill = cfg.trainer.distill_config()
@@ -88,7 +94,7 @@ class RegistryActor:
         self._publish_lock = threading.Lock()
         self._lock = threading.Lock()
         self._serving_cache: dict[int, tuple[bytes, str]] = {}
-        self._live_model: tuple[int, torch.nn.Module] | None = None
+        self._live_model: tuple[int, Student] | None = None
         self.decisions: list[dict[str, Any]] = []
         self.adoptions: list[dict[str, Any]] = []
         live = self.registry.live_version(cfg.drafter_id)
@@ -119,9 +125,12 @@ class RegistryActor:
         data = self.registry.weight_bytes(drafter_id, version)
         if info.kind == "lora":
             base = weights_from_bytes(self.registry.weight_bytes(drafter_id, 0))
-            model = copy.deepcopy(self.base)
+            model = copy.deepcopy(self.base.module)
             model.load_state_dict(base)
-            data = weights_to_bytes(merge_adapter(model, weights_from_bytes(data), self.distill))
+            spec = self.distill.lora_spec()
+            adapter = weights_from_bytes(data)
+            merged = merge_adapter(model, adapter, spec, self.base.lora_task_type)
+            data = weights_to_bytes(merged)
         out = (data, checksum(data))
         with self._lock:
             self._serving_cache = {v: d for v, d in self._serving_cache.items() if v > version - 3}
@@ -176,7 +185,7 @@ class RegistryActor:
     def _refresh_holdout(self, drafter_id: str) -> None:
         """Pull new held-out records (the gate's consumer group) into the recent window."""
         stream = holdout_stream(drafter_id)
-        vocab = int(self.base.config.vocab_size)
+        vocab = self.base.vocab_size
         while True:
             entries = self.holdout_buffer.read(stream, count=64)
             if not entries:
@@ -188,13 +197,14 @@ class RegistryActor:
                     log.warning("dropping malformed held-out record %s: %s", e.id, err)
             self.holdout_buffer.ack(stream, [e.id for e in entries])
 
-    def _model_for(self, drafter_id: str, version: int) -> torch.nn.Module:
+    def _model_for(self, drafter_id: str, version: int) -> Student:
         data, _ = self.serving_weights(drafter_id, version)
-        model = copy.deepcopy(self.base)
-        model.load_state_dict(weights_from_bytes(data))
-        return model.eval()
+        student = copy.deepcopy(self.base)
+        student.load_weights(weights_from_bytes(data))
+        student.module.eval()
+        return student
 
-    def _live_for(self, drafter_id: str, live: int) -> torch.nn.Module:
+    def _live_for(self, drafter_id: str, live: int) -> Student:
         if self._live_model is None or self._live_model[0] != live:
             self._live_model = (live, self._model_for(drafter_id, live))
         return self._live_model[1]

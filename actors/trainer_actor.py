@@ -27,6 +27,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.distill.trainer import OnlineDistiller
+from osd.drafters import build_drafter, build_student
 from osd.models import load_model
 from osd.registry import checksum, weights_from_bytes, weights_to_bytes
 
@@ -51,18 +52,19 @@ class TrainerActor:
         buffer = RedisStreamBuffer(
             redis.Redis.from_url(cfg.redis_url), consumer=name, maxlen=cfg.buffer.maxlen
         )
-        model = load_model(cfg.draft, device)
+        drafter = build_drafter(
+            cfg.drafter, None, load_model(cfg.draft, device), lenient=True, k=cfg.k
+        )
+        student = build_student(cfg.drafter, drafter)
         version, kind, data = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
         dcfg = cfg.trainer.distill_config()
         if kind == "full":
-            model.load_state_dict(weights_from_bytes(data))
-        self.distiller = OnlineDistiller(model, buffer, cfg.drafter_id, dcfg)
+            student.load_weights(weights_from_bytes(data))
+        self.distiller = OnlineDistiller(student, buffer, cfg.drafter_id, dcfg)
         if kind == "lora":
             if not dcfg.lora:
                 raise ValueError("the live version is a LoRA adapter; set trainer.lora: true")
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.distiller.model, weights_from_bytes(data))
+            student.load_adapter(weights_from_bytes(data), dcfg.lora_spec())
         self.resumed_from = version
         self.publishing = True
         self.decisions: list[dict[str, Any]] = []
@@ -97,16 +99,13 @@ class TrainerActor:
             return
         import ray
 
-        weights, kind = d.export()
-        data = weights_to_bytes(weights)
-        provenance = {
-            "trainer": self.name,
-            "steps": d.steps,
-            "records_seen": d.records_seen,
-            "loss": d.config.loss,
-        }
+        snap = d.student.export()
+        data = weights_to_bytes(snap.weights)
+        provenance = d.provenance(self.name)
         decision = ray.get(
-            self.registry.publish.remote(self.drafter_id, data, kind, provenance, checksum(data))
+            self.registry.publish.remote(
+                self.drafter_id, data, snap.kind, provenance, checksum(data)
+            )
         )
         self.decisions.append(decision)
 

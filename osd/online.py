@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from osd.distill.collect import RecordCollector
-from osd.distill.lora import merge_adapter
 from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.trainer import DistillConfig, OnlineDistiller
-from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters import Drafter, build_drafter, build_student
 from osd.registry import PromotionGate, Registry
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.replay import replay_greedy
@@ -41,6 +40,7 @@ DRAFTER_ID = "draft"
 
 @dataclass
 class OnlineConfig:
+    drafter: str = "draft_model"  # a trainable drafter of osd.drafters.DRAFTERS
     schedule: str = DEFAULT_STREAM
     n: int = 600
     seed: int = 0
@@ -146,8 +146,8 @@ def run_online(
     cfg = config or OnlineConfig()
     result = OnlineResult(cfg, full_vocab_bytes_per_position=full_bytes(target.config.vocab_size))
     schedule = parse_schedule(cfg.schedule, cfg.n, cfg.seed).build(data_dir=data_dir)
-    serving = DraftModelDrafter(copy.deepcopy(draft), k=cfg.k)
-    frozen = DraftModelDrafter(draft, k=cfg.k)
+    serving = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
+    frozen = build_drafter(cfg.drafter, target, draft, k=cfg.k)
     dec = SpeculativeDecoder(target, serving, tokenizer)
     collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk))
     dec.add_observer(collector)
@@ -159,7 +159,8 @@ def run_online(
         publish_every_steps=cfg.publish_every_steps,
         publish_every_s=None,
     )
-    trainer = OnlineDistiller(copy.deepcopy(draft), buffer, DRAFTER_ID, dcfg)
+    learner = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
+    trainer = OnlineDistiller(build_student(cfg.drafter, learner), buffer, DRAFTER_ID, dcfg)
     registry = registry or Registry()
     registry.register_base(
         DRAFTER_ID, serving.state_dict(), provenance={"source": "zoo", "role": "initial draft"}
@@ -202,7 +203,7 @@ def run_online(
             if trainer.step() is None:
                 break
             if trainer.should_publish():
-                _publish(draft, registry, trainer, gate, serving, list(holdout), dcfg, result)
+                _publish(cfg.drafter, registry, trainer, gate, serving, list(holdout), result)
                 trainer.mark_published()
         result.trainer_steps = trainer.steps
         result.bytes_per_position = record_bytes / max(record_positions, 1)
@@ -223,41 +224,34 @@ def run_online(
 
 
 def _publish(
-    base,
+    name: str,
     registry: Registry,
     trainer: OnlineDistiller,
     gate: PromotionGate,
-    serving: DraftModelDrafter,
+    serving: Drafter,
     holdout: list,
-    dcfg: DistillConfig,
     result: OnlineResult,
 ) -> None:
     """Publish the trainer's weights, gate them on held-out records, hot-swap if promoted.
 
-    A LoRA adapter is cumulative (trained on the base since the start), so it is merged
-    into ``base`` — the untouched initial draft — never into the already-merged serving copy.
+    A LoRA adapter is cumulative (trained on the base since the start): the serving copy
+    loads the trainer's weights with the adapter merged, never the adapter on top of the
+    already-merged serving copy.
     """
-    weights, kind = trainer.export()
+    snap = trainer.student.export()
     live = registry.live_version(DRAFTER_ID)
     info = registry.publish(
         DRAFTER_ID,
-        weights,
-        kind=kind,
+        snap.weights,
+        kind=snap.kind,
         parent=live,
-        provenance={
-            "trainer": "in-process",
-            "steps": trainer.steps,
-            "records_seen": trainer.records_seen,
-            "loss": dcfg.loss,
-        },
+        provenance=trainer.provenance("in-process"),
     )
-    trainer.model.eval()
     decision = registry.gate_and_promote(
-        DRAFTER_ID, info.version, gate, trainer.model, serving.model, holdout
+        DRAFTER_ID, info.version, gate, trainer.student, build_student(name, serving), holdout
     )
-    trainer.model.train()
     if decision.promote:
-        new = weights if kind == "full" else merge_adapter(base, weights, dcfg)
+        new = snap.weights if snap.kind == "full" else trainer.student.merged_state_dict()
         serving.load_state_dict(new, info.version)  # between requests: never mid-step
     result.versions.append(
         {

@@ -17,6 +17,7 @@ import osd.registry.gate
 import osd.registry.store
 import osd.registry.weights
 from osd.distill.record import DistillRecord, build_record
+from osd.distill.student import CausalLMStudent
 from osd.registry import (
     DiskStore,
     MemoryStore,
@@ -346,22 +347,29 @@ def records(target) -> list[DistillRecord]:
     return out
 
 
+def student(model: LlamaForCausalLM) -> CausalLMStudent:
+    return CausalLMStudent(model)
+
+
 def test_draft_acceptance_of_the_target_itself_is_one(target, records):
-    est = draft_acceptance(target, records)
+    est = draft_acceptance(student(target), records)
     assert (est.positions, est.records) == (32, 4)
     assert est.mean == pytest.approx(1.0, abs=1e-3)  # k = V: exact up to fp16 log-probs
-    assert draft_acceptance(noised(target, 1.0, 3), records).mean < 0.3
+    assert draft_acceptance(student(noised(target, 1.0, 3)), records).mean < 0.3
+    chunked = draft_acceptance(student(target), records, chunk=3)  # a batch of 3, then 1
+    assert chunked.positions == 32 and chunked.mean == pytest.approx(est.mean, abs=1e-5)
 
 
 def test_gate_rejects_a_worse_candidate_and_promotes_a_better_one(target, records):
     live_model = noised(target, 0.05, 2)  # close to the target that generated the records
+    live = student(live_model)
     reg = Registry()
     reg.register_base(ID, live_model.state_dict())
     gate = PromotionGate(margin=0.01)
 
     worse = noised(target, 1.0, 3)
     reg.publish(ID, worse.state_dict(), provenance={"steps": 1})
-    decision = reg.gate_and_promote(ID, 1, gate, worse, live_model, records)
+    decision = reg.gate_and_promote(ID, 1, gate, student(worse), live, records)
     assert not decision.promote and decision.candidate < decision.live - 0.01
     assert decision.records == 4 and decision.positions == 32
     info = reg.info(ID, 1)
@@ -371,16 +379,16 @@ def test_gate_rejects_a_worse_candidate_and_promotes_a_better_one(target, record
     assert info.evaluation["live_version"] == 0 and "<" in info.evaluation["reason"]
 
     reg.publish(ID, target.state_dict())
-    decision = reg.gate_and_promote(ID, 2, gate, target, live_model, records)
+    decision = reg.gate_and_promote(ID, 2, gate, student(target), live, records)
     assert decision.promote and decision.candidate == pytest.approx(1.0, abs=1e-3)
     assert reg.live_version(ID) == 2 and reg.live(ID).evaluation["records"] == 4
-    assert PromotionGate().evaluate(target, target, records).promote  # equal is enough
+    assert PromotionGate().evaluate(student(target), student(target), records).promote  # equal
 
 
 def test_gate_needs_enough_records(target, records):
-    decision = PromotionGate(min_records=5).evaluate(target, target, records)
+    decision = PromotionGate(min_records=5).evaluate(student(target), student(target), records)
     assert not decision.promote and "needs 5" in decision.reason
-    assert not PromotionGate().evaluate(target, target, []).promote
+    assert not PromotionGate().evaluate(student(target), student(target), []).promote
     with pytest.raises(ValueError, match="min_records"):
         PromotionGate(min_records=0)
 

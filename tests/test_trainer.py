@@ -15,8 +15,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from osd.buffer import MemoryBuffer
+from osd.distill.lora import merge_adapter
 from osd.distill.losses import LOSS_NAMES, SparseTarget, distill_loss, expected_acceptance
-from osd.distill.record import DistillRecord, build_record, encode
+from osd.distill.record import DistillRecord, build_record, dense_target, encode
+from osd.distill.student import CausalLMStudent, KDObjective, Objective
 from osd.distill.trainer import DistillConfig, OnlineDistiller
 
 V = 64  # vocabulary
@@ -45,6 +47,10 @@ def tiny_llama(hidden: int, layers: int, heads: int, init: float, seed: int) -> 
 
 def make_draft() -> LlamaForCausalLM:
     return tiny_llama(16, 1, 2, 0.02, seed=2)
+
+
+def student(model: torch.nn.Module | None = None, **kwargs) -> CausalLMStudent:
+    return CausalLMStudent(make_draft() if model is None else model, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,7 @@ def evaluate(
 
 def distiller(buf: MemoryBuffer, **overrides) -> OnlineDistiller:
     cfg = DistillConfig(**{"lr": 1e-2, **overrides})
-    return OnlineDistiller(make_draft(), buf, DRAFTER, cfg)
+    return OnlineDistiller(student(), buf, DRAFTER, cfg)
 
 
 # ---- learning ------------------------------------------------------------------------------
@@ -100,9 +106,9 @@ def test_each_loss_reduces_the_loss_and_raises_acceptance(records, loss):
     buf = MemoryBuffer(consumer="t0")
     fill(buf, records, 30 * 8)
     dist = distiller(buf, loss=loss)
-    loss0, acc0 = evaluate(dist.model, records, loss)
+    loss0, acc0 = evaluate(dist.student.module, records, loss)
     reports = [dist.step() for _ in range(30)]
-    loss1, acc1 = evaluate(dist.model, records, loss)
+    loss1, acc1 = evaluate(dist.student.module, records, loss)
     assert all(r is not None and r.records == 8 and r.positions == 8 * 12 for r in reports)
     assert reports[-1].step == dist.steps == 30
     assert (dist.records_seen, dist.positions_seen) == (240, 240 * 12)
@@ -117,20 +123,21 @@ def test_lora_trains_only_the_adapters(records):
     fill(buf, records, 10 * 8)
     draft = make_draft()
     base = {k: v.clone() for k, v in draft.state_dict().items()}
-    dist = OnlineDistiller(draft, buf, DRAFTER, DistillConfig(lora=True, lr=1e-2))
+    dist = OnlineDistiller(student(draft), buf, DRAFTER, DistillConfig(lora=True, lr=1e-2))
     assert dist.config.learning_rate == 1e-2 and DistillConfig(lora=True).learning_rate == 1e-3
-    trainable = [n for n, p in dist.model.named_parameters() if p.requires_grad]
+    model = dist.student.module
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    loss0, _ = evaluate(dist.model, records, "fkl")
+    loss0, _ = evaluate(model, records, "fkl")
     for _ in range(10):
         dist.step()
-    loss1, _ = evaluate(dist.model, records, "fkl")
+    loss1, _ = evaluate(model, records, "fkl")
     assert loss1 < loss0
-    for name, tensor in dist.model.get_base_model().state_dict().items():
+    for name, tensor in model.get_base_model().state_dict().items():
         if "lora_" not in name:
             plain = name.replace(".base_layer", "")
             torch.testing.assert_close(tensor, base[plain], rtol=0, atol=0, msg=name)
-    lora_b = [p for n, p in dist.model.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # zero-initialised, now trained
 
 
@@ -139,30 +146,33 @@ def test_export_full_uses_the_model_names(records):
     fill(buf, records, 8)
     dist = distiller(buf)
     dist.step()
-    weights, kind = dist.export()
-    assert kind == "full"
+    snap = dist.student.export()
+    weights = snap.weights
+    assert snap.kind == "full" and snap.lora is None
     serving = make_draft()
     assert set(weights) == set(serving.state_dict())
     assert all(t.device.type == "cpu" and not t.requires_grad for t in weights.values())
     serving.load_state_dict(weights, strict=True)
     ids = torch.from_numpy(records[0].token_ids.astype(np.int64))[None]
-    dist.model.eval()
+    model = dist.student.module.eval()
     with torch.no_grad():
-        torch.testing.assert_close(serving(input_ids=ids).logits, dist.model(input_ids=ids).logits)
+        torch.testing.assert_close(serving(input_ids=ids).logits, model(input_ids=ids).logits)
     weights["lm_head.weight"].add_(1.0)  # a copy: the trainer's weights are untouched
-    assert not torch.equal(weights["lm_head.weight"], dist.model.lm_head.weight)
-    with pytest.raises(ValueError, match="save_adapter needs a LoRA"):
-        dist.save_adapter("/nonexistent")
+    assert not torch.equal(weights["lm_head.weight"], model.lm_head.weight)
+    with pytest.raises(ValueError, match="save_adapter needs LoRA"):
+        dist.student.save_adapter("/nonexistent")
 
 
 @pytest.fixture
 def lora_distiller(records) -> OnlineDistiller:
     buf = MemoryBuffer(consumer="t0")
     fill(buf, records, 5 * 8)
-    dist = OnlineDistiller(make_draft(), buf, DRAFTER, DistillConfig(lora=True, lr=1e-2))
+    dist = OnlineDistiller(
+        student(), buf, DRAFTER, DistillConfig(lora=True, lr=1e-2), base_version=3
+    )
     for _ in range(5):
         dist.step()
-    dist.model.eval()
+    dist.student.module.eval()
     return dist
 
 
@@ -170,23 +180,28 @@ def test_lora_export_merge_and_save_adapter(lora_distiller, records, tmp_path):
     from peft import PeftModel
 
     dist = lora_distiller
-    weights, kind = dist.export()
-    assert kind == "lora"
+    snap = dist.student.export()
+    weights = snap.weights
+    assert snap.kind == "lora" and snap.lora == DistillConfig(lora=True).lora_spec(3)
     assert weights and all("lora_A" in n or "lora_B" in n for n in weights)
     assert any("q_proj" in n for n in weights) and any("down_proj" in n for n in weights)
 
     ids = torch.from_numpy(records[0].token_ids.astype(np.int64))[None]
     with torch.no_grad():
-        expected = dist.model(input_ids=ids).logits
+        expected = dist.student.module(input_ids=ids).logits
     plain = make_draft()
-    merged = dist.merged_state_dict()
+    merged = dist.student.merged_state_dict()
     assert set(merged) == set(plain.state_dict())
     plain.load_state_dict(merged, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(make_draft()(input_ids=ids).logits, expected)  # it learnt
 
-    path = dist.save_adapter(tmp_path / "adapter")
+    merged_again = merge_adapter(make_draft(), weights, snap.lora, "CAUSAL_LM")  # serving side
+    for name, tensor in merged.items():
+        torch.testing.assert_close(merged_again[name], tensor, msg=name)
+
+    path = dist.student.save_adapter(tmp_path / "adapter")
     assert (path / "adapter_config.json").is_file()
     assert (path / "adapter_model.safetensors").is_file()
     loaded = PeftModel.from_pretrained(make_draft(), str(path)).eval()
@@ -297,7 +312,7 @@ def test_compute_budget_sleeps_between_steps(records):
     buf = MemoryBuffer(consumer="t0")
     fill(buf, records, 4 * 8)
     cfg = DistillConfig(lr=1e-2, max_steps_per_s=2)
-    dist = OnlineDistiller(make_draft(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
+    dist = OnlineDistiller(student(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
     first = dist.step()
     assert first.waited_s == 0 and t.sleeps == []
     second = dist.step()  # no time passed: wait the full 1/2 s
@@ -314,7 +329,7 @@ def test_publish_triggers_on_steps_or_seconds(records):
     buf = MemoryBuffer(consumer="t0")
     fill(buf, records, 10 * 8)
     cfg = DistillConfig(lr=1e-2, publish_every_steps=3, publish_every_s=10.0)
-    dist = OnlineDistiller(make_draft(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
+    dist = OnlineDistiller(student(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
     t.now += 60
     assert not dist.should_publish()  # nothing trained yet
     dist.step()
@@ -328,7 +343,9 @@ def test_publish_triggers_on_steps_or_seconds(records):
 
     published = []
     dist.mark_published()
-    assert dist.run(max_steps=6, on_publish=lambda d: published.append(d.export()[1])) == 6
+    assert (
+        dist.run(max_steps=6, on_publish=lambda d: published.append(d.student.export().kind)) == 6
+    )
     assert published == ["full", "full"] and dist.publishes == 4
 
 
@@ -337,7 +354,7 @@ def test_run_idles_on_an_empty_buffer_and_survives_a_failing_publish(records, ca
     buf = MemoryBuffer(consumer="t0")
     fill(buf, records, 2 * 8)
     cfg = DistillConfig(lr=1e-2, publish_every_steps=1)
-    dist = OnlineDistiller(make_draft(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
+    dist = OnlineDistiller(student(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep)
 
     def fail(_):
         raise OSError("registry down")
@@ -363,7 +380,7 @@ def test_max_len_drops_late_positions_and_full_k_has_no_tail(records):
                         drafter_id=DRAFTER, version=0)  # fmt: skip
     for model in (make_draft(), PlainLM(make_draft())):  # logits_to_keep, and full logits
         buf.put(DRAFTER, encode(full))
-        dist = OnlineDistiller(model, buf, DRAFTER, DistillConfig(), vocab_size=V)
+        dist = OnlineDistiller(student(model, vocab_size=V), buf, DRAFTER, DistillConfig())
         report = dist.step()
         assert report.positions == 12 and np.isfinite(report.loss)
         assert report.loss < 1e-2  # the draft logged its own distribution: KL ≈ 0
@@ -424,4 +441,92 @@ def test_config_validation(kwargs, match):
 def test_lora_on_missing_modules_says_what_to_set():
     cfg = DistillConfig(lora=True, lora_target_modules=["c_attn"])
     with pytest.raises(ValueError, match="lora_target_modules"):
-        OnlineDistiller(make_draft(), MemoryBuffer(consumer="t0"), DRAFTER, cfg)
+        OnlineDistiller(student(), MemoryBuffer(consumer="t0"), DRAFTER, cfg)
+
+
+# ---- the student contract ------------------------------------------------------------------
+
+
+def test_causal_lm_student_predicts_rows_t_minus_1_in_a_ragged_batch(records):
+    """The module docstring's example: positions [2, 3] of [5, 9, 2, 7] are rows 1 and 2."""
+    model = make_draft()
+    short = build_record("s", [5, 9, 2, 7], 2, [2, 3], torch.randn(2, V), k=4,
+                         drafter_id=DRAFTER, version=0)  # fmt: skip
+    st = student(model)
+    with torch.no_grad():
+        got = st.predict([short, records[0]])
+        ref_short = model(torch.tensor([[5, 9, 2]])).logits[0, [1, 2]]  # [2, V]
+        ids = torch.from_numpy(records[0].token_ids.astype(np.int64))[None]
+        ref_long = model(ids).logits[0, records[0].positions - 1]  # [12, V]
+        capped = st.predict([short, records[0]], max_len=2)
+    assert [tuple(x.shape) for x in got] == [(2, V), (12, V)]
+    torch.testing.assert_close(got[0], ref_short, rtol=1e-4, atol=1e-5)  # padding is harmless
+    torch.testing.assert_close(got[1], ref_long, rtol=1e-4, atol=1e-5)
+    assert [x.shape[0] for x in capped] == [1, 0]  # position 3 needs row 2; PROMPT is 4
+    assert st.predictable(records[0], 8) == 5 and st.context == 64
+
+
+class Adversarial(KDObjective):
+    """KD plus a toy adversarial term (KOALA-style): a second network with its own
+    parameters and optimiser, trained in ``after_step``; the trainer loop is unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__("fkl")
+        torch.manual_seed(5)
+        self.disc = torch.nn.Linear(V, 1)  # scores a distribution: target-like or draft-like
+        self.opt = torch.optim.SGD(self.disc.parameters(), lr=0.5)
+        self.updates = 0
+
+    def loss(self, logits, records):
+        fake = self.disc(torch.cat(logits).softmax(-1)).squeeze(-1)  # [m]
+        return super().loss(logits, records) + 0.1 * torch.nn.functional.softplus(-fake)
+
+    def after_step(self, logits, records):
+        assert not any(lg.requires_grad for lg in logits)
+        fake = torch.cat(logits).softmax(-1)  # [m, V]
+        pairs = zip(logits, records, strict=True)
+        real = torch.cat([dense_target(r, V)[: lg.shape[0]] for lg, r in pairs])  # log q [m, V]
+        d = self.disc(torch.cat([fake, real.exp()])).squeeze(-1)  # [2m]
+        labels = torch.cat([torch.zeros(len(fake)), torch.ones(len(real))])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(d, labels)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.updates += 1
+
+
+class AdversarialStudent(CausalLMStudent):
+    def objective(self, config: DistillConfig) -> Objective:
+        return Adversarial()
+
+
+def test_an_objective_with_its_own_network_plugs_in(records):
+    buf = MemoryBuffer(consumer="t0")
+    fill(buf, records, 5 * 8)
+    dist = OnlineDistiller(AdversarialStudent(make_draft()), buf, DRAFTER, DistillConfig(lr=1e-2))
+    obj = dist.objective
+    assert isinstance(obj, Adversarial)
+    disc0 = obj.disc.weight.detach().clone()
+    loss0, _ = evaluate(dist.student.module, records, "fkl")
+    reports = [dist.step() for _ in range(5)]
+    loss1, _ = evaluate(dist.student.module, records, "fkl")
+    assert all(r.records == 8 for r in reports) and obj.updates == dist.steps == 5
+    assert not torch.equal(obj.disc.weight, disc0)  # trained by its own optimiser
+    trained = {id(p) for g in dist.optimizer.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in obj.disc.parameters()}  # not by the student's
+    assert loss1 < loss0
+
+
+def test_draft_model_student_is_built_by_name():
+    from osd.drafters import DRAFTERS, build_drafter, build_student
+
+    draft = make_draft()
+    st = build_student("draft_model", build_drafter("draft_model", None, draft, k=2))
+    assert isinstance(st, CausalLMStudent) and st.module is draft and st.vocab_size == V
+    assert DRAFTERS["draft_model"].trainable and not DRAFTERS["ngram"].trainable
+    with pytest.raises(
+        ValueError, match="nothing to train online; trainable drafters: draft_model"
+    ):
+        build_student("ngram", build_drafter("ngram", None, k=2))
+    with pytest.raises(TypeError, match="build_student"):
+        OnlineDistiller(draft, MemoryBuffer(consumer="t0"), DRAFTER)

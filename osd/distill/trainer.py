@@ -1,147 +1,49 @@
-"""The online trainer: pull logged records from the buffer, distil the draft, publish (DESIGN §4).
+"""The online trainer: pull logged records from the buffer, distil a student, publish (DESIGN §4).
 
 Terms:
 
 - **record**: one finished request (``osd.distill.record``): token ids, the logged
   positions ``t`` and the target's top-``k`` + tail mass at each.
-- **row** ``t − 1``: the draft's logits at index ``t − 1`` predict token ``t``, so logged
-  position ``t`` is trained from row ``t − 1`` of one draft forward over
-  ``token_ids[:t]``. Only the **draft** runs: the target's part is in the record.
-- **step**: one optimiser update on up to ``batch_records`` records. A record is **acked
-  only after the optimiser step that consumed it** (at-least-once): a trainer that dies
-  mid-step leaves its records pending, and another trainer :meth:`~SampleBuffer.reclaim` s
-  them once they have been idle ``reclaim_idle_ms``.
-- **publish**: hand the current weights to the registry, every ``publish_every_steps``
+- **student**: what the drafter trains (:mod:`osd.distill.student`): a module, its
+  predictions at a record's logged positions, its objective. The trainer never assumes a
+  causal LM: only the student's forward runs (the target's part is in the record).
+- **step**: one optimiser update on up to ``batch_records`` records:
+  ``objective.loss(student.predict(records), records)`` averaged over the positions, then
+  ``objective.after_step`` (an objective's own network, e.g. a discriminator). A record is
+  **acked only after the optimiser step that consumed it** (at-least-once): a trainer that
+  dies mid-step leaves its records pending, and another trainer
+  :meth:`~SampleBuffer.reclaim` s them once they have been idle ``reclaim_idle_ms``.
+- **publish**: hand :meth:`Student.export` to the registry, every ``publish_every_steps``
   steps or ``publish_every_s`` seconds, whichever comes first.
 
-Worked example (the indexing): ``token_ids = [5, 9, 2, 7]``, ``prompt_len = 2``,
-``positions = [2, 3]``. The draft reads ``[5, 9, 2]`` (token 3 is never an input); row 1
-(after ``[5, 9]``) is compared with the target's top-``k`` for token 2, row 2 with the
-top-``k`` for token 3. With ``max_len = 2`` the input is ``[5, 9]`` and position 3 is
-dropped (it would need row 2).
+Full fine-tune trains every parameter of the student's module; ``lora=True`` wraps it with
+PEFT LoRA adapters on top of registry version ``base_version`` and trains only those (the
+caller's module is modified in place by PEFT). :meth:`Student.export` gives what a registry
+stores (the full ``state_dict``, or the adapter with its :class:`~osd.distill.lora.LoraSpec`).
+The distiller is not thread-safe: export between steps (the ``on_publish`` callback of
+:meth:`OnlineDistiller.run` does).
 
-Full fine-tune trains every parameter of the draft; ``lora=True`` wraps it with PEFT LoRA
-adapters and trains only those (the caller's model object is modified in place by PEFT).
-:meth:`OnlineDistiller.export` gives what a registry stores (the full ``state_dict``, or
-the adapter weights); :meth:`OnlineDistiller.merged_state_dict` gives plain weights for
-replicas that hold a plain model. The distiller is not thread-safe: export between steps
-(the ``on_publish`` callback of :meth:`OnlineDistiller.run` does).
-
-This module imports neither Ray nor Redis: the buffer is injected (``osd.buffer``).
+This module imports neither Ray nor Redis: the buffer is injected (``osd.buffer.base``).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import torch
-from torch import Tensor, nn
 
 from osd.buffer.base import Entry, SampleBuffer
-from osd.distill.losses import LOSS_NAMES, SparseTarget, distill_loss
+from osd.distill.config import DistillConfig
 from osd.distill.record import DistillRecord, RecordError, decode
+from osd.distill.student import Student
 
-__all__ = ["DEFAULT_LORA_TARGETS", "DistillConfig", "OnlineDistiller", "StepReport"]
+__all__ = ["DistillConfig", "OnlineDistiller", "StepReport"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_LR_FULL = 1e-4
-DEFAULT_LR_LORA = 1e-3
-
-ExportKind = Literal["full", "lora"]
-
-
-def _positive(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
-
-
-def _nonneg(value: object) -> bool:
-    return (value == 0 and not isinstance(value, bool)) or _positive(value)
-
-
-def _pos_int(value: object, least: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How the draft is distilled online. ``None`` where allowed means "off" / "default".
-
-    >>> DistillConfig(lora=True).learning_rate, DistillConfig().learning_rate
-    (0.001, 0.0001)
-    """
-
-    loss: str = "fkl"  # one of LOSS_NAMES: fkl, rkl, jsd, tvd, ce
-    beta: float = 0.5  # jsd only: β·KL(q||μ) + (1 − β)·KL(p||μ)
-    temperature: float = 1.0  # train at the serving temperature
-    lr: float | None = None  # None: 1e-4 for full fine-tune, 1e-3 for LoRA
-    weight_decay: float = 0.0
-    batch_records: int = 8  # records per optimiser step
-    max_len: int | None = None  # None: the model's max_position_embeddings (if it has one)
-    grad_clip: float | None = 1.0  # max grad norm; None: no clipping
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    publish_every_steps: int | None = 50  # M
-    publish_every_s: float | None = 30.0  # T; either M or T triggers a publish
-    max_steps_per_s: float | None = None  # compute budget; None: unlimited
-    reclaim_idle_ms: int = 60_000  # XAUTOCLAIM threshold: well above one step's duration
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        need(self.loss in LOSS_NAMES, "loss", f"one of {LOSS_NAMES}")
-        need(_positive(self.beta) and self.beta < 1, "beta", "in (0, 1) (the jsd mixture weight)")
-        need(_positive(self.temperature), "temperature", "finite and > 0")
-        need(self.lr is None or _positive(self.lr), "lr", "finite and > 0 (None: the default)")
-        need(_nonneg(self.weight_decay), "weight_decay", "finite and >= 0")
-        need(_pos_int(self.batch_records), "batch_records", "an int >= 1")
-        need(self.max_len is None or _pos_int(self.max_len, 2), "max_len", "an int >= 2 or None")
-        need(self.grad_clip is None or _positive(self.grad_clip), "grad_clip", "> 0 or None")
-        need(_pos_int(self.lora_r), "lora_r", "an int >= 1")
-        need(_positive(self.lora_alpha), "lora_alpha", "> 0")
-        need(_nonneg(self.lora_dropout) and self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
-        targets = self.lora_target_modules
-        need(
-            not isinstance(targets, str)
-            and bool(targets)
-            and all(isinstance(t, str) for t in targets),
-            "lora_target_modules",
-            "a non-empty list of module names",
-        )
-        object.__setattr__(self, "lora_target_modules", tuple(targets))
-        every_steps, every_s = self.publish_every_steps, self.publish_every_s
-        need(every_steps is None or _pos_int(every_steps), "publish_every_steps", "an int >= 1")
-        need(every_s is None or _positive(every_s), "publish_every_s", "> 0 or None")
-        if every_steps is None and every_s is None:
-            raise ValueError(
-                "publish_every_steps and publish_every_s are both None: nothing would ever be "
-                "published; set at least one"
-            )
-        limit = self.max_steps_per_s
-        need(limit is None or _positive(limit), "max_steps_per_s", "> 0 or None (unlimited)")
-        need(_pos_int(self.reclaim_idle_ms, 0), "reclaim_idle_ms", "an int >= 0")
-
-    @property
-    def learning_rate(self) -> float:
-        """``lr``, or the default for the mode (LoRA adapters take a ~10× higher rate)."""
-        if self.lr is not None:
-            return self.lr
-        return DEFAULT_LR_LORA if self.lora else DEFAULT_LR_FULL
 
 
 @dataclass(frozen=True)
@@ -158,53 +60,44 @@ class StepReport:
     reclaimed: int = 0  # entries taken over from an idle (dead) consumer
 
 
-@dataclass
-class _Batch:
-    """A padded draft input and, per logged position, its row and sparse target."""
-
-    input_ids: Tensor  # [B, L] right-padded
-    attention_mask: Tensor  # [B, L]
-    rows: list[tuple[int, int]]  # per position: (batch index, t − 1)
-    records: list[DistillRecord]
-    positions: list[np.ndarray]  # per record: the kept positions
-
-
 class OnlineDistiller:
-    """Distil one draft from its record stream; see the module docstring.
+    """Distil one student from its drafter's record stream; see the module docstring.
 
-    ``model``: a causal LM returning ``.logits`` ``[B, L, V]`` (a Hugging Face model).
-    ``vocab_size``: bounds the ids in records; default: the model's output vocabulary.
-    ``clock`` / ``sleep``: injectable for tests (publish timer and compute budget).
+    ``student``: built by name with :func:`osd.drafters.build_student` (its module is
+    trained in place). ``base_version``: the registry version the student's weights come
+    from (a LoRA adapter records it in its spec). ``clock`` / ``sleep``: injectable for
+    tests (publish timer and compute budget).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        student: Student,
         buffer: SampleBuffer,
         drafter_id: str,
         config: DistillConfig | None = None,
-        vocab_size: int | None = None,
+        base_version: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not isinstance(drafter_id, str) or not drafter_id:
             raise ValueError(f"drafter_id must be a non-empty string, got {drafter_id!r}")
+        if not isinstance(student, Student):
+            raise TypeError(
+                f"OnlineDistiller trains a Student, got {type(student).__name__}; build one "
+                "with osd.drafters.build_student(name, drafter)"
+            )
         self.config = config = config or DistillConfig()
+        self.student = student
         self.buffer = buffer
         self.drafter_id = drafter_id
         self.clock = clock
         self.sleep = sleep
-        self.vocab_size = vocab_size or _model_vocab(model)
-        self.max_len = config.max_len or getattr(
-            getattr(model, "config", None), "max_position_embeddings", None
-        )
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if config.lora:
-            self.model = wrap_lora(model, config)
+            student.add_lora(config.lora_spec(base_version))
         else:
-            self.model = model
-            model.requires_grad_(True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+            student.module.requires_grad_(True)
+        self.objective = student.objective(config)
+        params = student.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -217,21 +110,14 @@ class OnlineDistiller:
         self._published_at = clock()
         self._last_update_at = -math.inf
         log.info(
-            "distiller for %r: %s, loss %s, lr %g, %d trainable parameters",
+            "distiller for %r (%s): %s, loss %s, lr %g, %d trainable parameters",
             drafter_id,
+            type(student).__name__,
             "LoRA" if config.lora else "full fine-tune",
             config.loss,
             config.learning_rate,
             sum(p.numel() for p in params),
         )
-
-    @property
-    def kind(self) -> ExportKind:
-        return "lora" if self.config.lora else "full"
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -250,11 +136,11 @@ class OnlineDistiller:
         records, ids, skipped = self._decode(entries)
         if not records:
             return None
-        batch = self._collate(records)
-        loss, n_pos = float("nan"), len(batch.rows)
+        n_pos = sum(self.student.predictable(r, self.config.max_len) for r in records)
+        loss = float("nan")
         if n_pos:
             self._last_update_at = start
-            loss = self._update(batch)
+            loss = self._update(records)
         self.buffer.ack(self.drafter_id, ids)  # only after the optimiser step
         self.records_seen += len(records)
         self.positions_seen += n_pos
@@ -300,7 +186,7 @@ class OnlineDistiller:
         records, ids, bad = [], [], []
         for entry in entries:
             try:
-                records.append(decode(entry.data, self.vocab_size))
+                records.append(decode(entry.data, self.student.vocab_size))
                 ids.append(entry.id)
             except RecordError as err:
                 log.warning(
@@ -312,83 +198,17 @@ class OnlineDistiller:
             self.skipped += len(bad)
         return records, ids, len(bad)
 
-    def _collate(self, records: list[DistillRecord]) -> _Batch:
-        """Right-padded inputs ``token_ids[:max(t)]`` (≤ max_len) and one row per position."""
-        cap = self.max_len or math.inf
-        kept = [r.positions[r.positions <= cap] for r in records]  # row t − 1 < max_len
-        lengths = [int(p.max()) if p.size else 1 for p in kept]  # inputs up to t − 1 only
-        ids = torch.zeros(len(records), max(lengths), dtype=torch.long)  # [B, L]
-        mask = torch.zeros_like(ids)
-        rows = []
-        for b, (rec, pos, n) in enumerate(zip(records, kept, lengths, strict=True)):
-            ids[b, :n] = torch.from_numpy(rec.token_ids[:n].astype(np.int64))
-            mask[b, :n] = 1
-            rows += [(b, int(t) - 1) for t in pos]
-        return _Batch(ids, mask, rows, records, kept)
-
-    def _targets(self, batch: _Batch) -> list[tuple[Tensor, SparseTarget]]:
-        """Sparse targets grouped by ``k`` (records may log different k): (row index, target)."""
-        groups: dict[int, tuple[list[int], list[np.ndarray], list[np.ndarray], list[np.ndarray]]]
-        groups, i = {}, 0
-        for rec, pos in zip(batch.records, batch.positions, strict=True):
-            sel = np.searchsorted(rec.positions, pos)  # kept positions' rows in the record
-            g = groups.setdefault(rec.k, ([], [], [], []))
-            g[0].extend(range(i, i + len(pos)))
-            g[1].append(rec.topk_ids[sel])
-            g[2].append(rec.topk_logprobs[sel])
-            g[3].append(rec.tail_logmass[sel])
-            i += len(pos)
-        out = []
-        for k, (idx, top_ids, top_lp, tail) in groups.items():
-            tail_t = torch.from_numpy(np.concatenate(tail).astype(np.float32))  # [m_k]
-            if k >= self.vocab_size:  # no tail: logged as LOG_FLOOR, here exactly empty
-                tail_t = torch.full_like(tail_t, -math.inf)
-            target = SparseTarget(
-                topk_ids=torch.from_numpy(np.concatenate(top_ids).astype(np.int64)),  # [m_k, k]
-                topk_logprobs=torch.from_numpy(np.concatenate(top_lp).astype(np.float32)),
-                tail_logmass=tail_t,
-            )
-            out.append((torch.tensor(idx), target))
-        return out
-
-    def _logits(self, batch: _Batch) -> Tensor:
-        """One draft forward; the logits at every position's row: [m, V]."""
-        dev = self.device
-        b_idx = torch.tensor([b for b, _ in batch.rows], device=dev)  # [m]
-        r_idx = torch.tensor([r for _, r in batch.rows], device=dev)  # [m]
-        kwargs = {}
-        if self._keeps_logits:  # project only the needed rows onto the vocabulary
-            keep = torch.unique(r_idx)  # sorted
-            kwargs["logits_to_keep"] = keep
-            r_idx = torch.searchsorted(keep, r_idx)
-        out = self.model(
-            input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), **kwargs
-        )
-        logits = out.logits if hasattr(out, "logits") else out[0]  # [B, L or |keep|, V]
-        return logits[b_idx, r_idx]
-
-    def _update(self, batch: _Batch) -> float:
+    def _update(self, records: list[DistillRecord]) -> float:
         cfg = self.config
-        self.model.train()
+        self.student.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self._logits(batch)  # [m, V]
-        per_pos = [
-            distill_loss(
-                cfg.loss,
-                logits[idx.to(logits.device)],
-                _to(target, logits.device),
-                temperature=cfg.temperature,
-                beta=cfg.beta,
-                reduction="none",
-            )
-            for idx, target in self._targets(batch)
-        ]
-        loss = torch.cat(per_pos).mean()
+        logits = self.student.predict(records, cfg.max_len)  # per record [n, V]
+        loss = self.objective.loss(logits, records).mean()  # over all positions
         if not torch.isfinite(loss):
             # A diverged draft or a poison batch: no update, but ack (the caller does) so
             # the batch is not redelivered forever.
             log.warning(
-                "non-finite loss %s on %d records; update skipped", loss.item(), len(batch.records)
+                "non-finite loss %s on %d records; update skipped", loss.item(), len(records)
             )
             return float(loss.item())
         loss.backward()
@@ -397,6 +217,7 @@ class OnlineDistiller:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step([lg.detach() for lg in logits], records)
         self.steps += 1
         return float(loss.item())
 
@@ -424,43 +245,14 @@ class OnlineDistiller:
         self._published_step = self.steps
         self._published_at = self.clock()
 
-    def export(self) -> tuple[dict[str, Tensor], ExportKind]:
-        """The weights to publish: detached CPU copies.
-
-        ``"full"``: the draft's ``state_dict`` under its own names (loads with
-        ``load_state_dict`` into a serving copy). ``"lora"``: the adapter weights only,
-        as ``peft.get_peft_model_state_dict`` names them.
-        """
-        if self.config.lora:
-            from peft import get_peft_model_state_dict
-
-            state = get_peft_model_state_dict(self.model)
-        else:
-            state = self.model.state_dict()
-        return _cpu_copy(state), self.kind
-
-    def merged_state_dict(self) -> dict[str, Tensor]:
-        """Plain weights under the base model's names: LoRA adapters merged into a copy.
-
-        For a full fine-tune this is the ``state_dict`` (as :meth:`export`).
-        """
-        if not self.config.lora:
-            return self.export()[0]
-        with torch.no_grad():
-            merged = copy.deepcopy(self.model).merge_and_unload()
-            return _cpu_copy(merged.state_dict())
-
-    def save_adapter(self, path: str | Path) -> Path:
-        """Write the adapters in PEFT format (``adapter_config.json`` +
-        ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained``."""
-        if not self.config.lora:
-            raise ValueError(
-                "save_adapter needs a LoRA distiller (DistillConfig(lora=True)); for a full "
-                "fine-tune publish export() or save the model with save_pretrained"
-            )
-        path = Path(path)
-        self.model.save_pretrained(str(path), safe_serialization=True)
-        return path
+    def provenance(self, trainer: str) -> dict[str, object]:
+        """What a published version records about where it came from."""
+        return {
+            "trainer": trainer,
+            "steps": self.steps,
+            "records_seen": self.records_seen,
+            "loss": self.config.loss,
+        }
 
     # ---- loop ----------------------------------------------------------------------------
 
@@ -474,9 +266,10 @@ class OnlineDistiller:
         """Step until ``max_steps`` optimiser steps were taken, or ``until`` (a deadline on
         :attr:`clock`, or a predicate returning True to stop); returns the steps taken.
 
-        After each step, when :meth:`should_publish`, calls ``on_publish(self)`` (which calls
-        :meth:`export` and hands the weights to the registry) and then :meth:`mark_published`.
-        A failing ``on_publish`` is logged and retried at the next trigger; training goes on.
+        After each step, when :meth:`should_publish`, calls ``on_publish(self)`` (which
+        exports ``self.student`` and hands the weights to the registry) and then
+        :meth:`mark_published`. A failing ``on_publish`` is logged and retried at the next
+        trigger; training goes on.
         """
         first = self.steps
 
@@ -500,46 +293,3 @@ class OnlineDistiller:
                 else:
                     self.mark_published()
         return self.steps - first
-
-
-# ---- helpers -------------------------------------------------------------------------------
-
-
-def _model_vocab(model: nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not vocab:
-        raise ValueError("cannot tell the draft's vocabulary size; pass vocab_size=")
-    return int(vocab)
-
-
-def wrap_lora(model: nn.Module, config: DistillConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise ValueError(
-            f"cannot put LoRA adapters on {type(model).__name__} with target modules "
-            f"{list(config.lora_target_modules)}: {err}; set lora_target_modules to the "
-            "model's linear layer names"
-        ) from err
-
-
-def _to(target: SparseTarget, device: torch.device) -> SparseTarget:
-    return SparseTarget(
-        target.topk_ids.to(device), target.topk_logprobs.to(device), target.tail_logmass.to(device)
-    )
-
-
-def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: t.detach().to("cpu", copy=True) for name, t in state.items()}

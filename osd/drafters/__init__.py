@@ -5,6 +5,10 @@ trainer, the gate, the registry actor and the one-process loop — builds it her
 drafter is registered once in :data:`DRAFTERS` and is then served, trained and gated by
 the same code.
 
+A drafter that learns online also registers its **student** factory
+(``DrafterSpec.student``, :mod:`osd.distill.student`): the trainer, the promotion gate and
+the registry get what to train, predict and version with :func:`build_student`, by name.
+
 >>> sorted(DRAFTERS)
 ['draft_model', 'ngram', 'none']
 >>> build_drafter("ngram", None, k=3).k
@@ -13,6 +17,8 @@ the same code.
 Traceback (most recent call last):
     ...
 ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
+>>> sorted(name for name, spec in DRAFTERS.items() if spec.trainable)
+['draft_model']
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from osd.distill.student import CausalLMStudent, Student
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.drafters.ngram import NgramDrafter
@@ -32,13 +39,20 @@ class DrafterSpec:
     """How to build one kind of drafter.
 
     ``build(target, draft, **config)`` makes it; ``needs_draft`` says it needs a separate
-    draft model (``--draft``); ``summary`` is what ``--help`` and errors show.
+    draft model (``--draft``); ``summary`` is what ``--help`` and errors show;
+    ``student(drafter)`` gives what online distillation trains (it trains the drafter's
+    own module in place), ``None`` for drafters with nothing to train.
     """
 
     name: str
     build: Callable[..., Drafter]
     needs_draft: bool
     summary: str
+    student: Callable[[Drafter], Student] | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.student is not None
 
     def options(self) -> list[str]:
         params = inspect.signature(self.build).parameters
@@ -61,6 +75,10 @@ def _draft_model(
     return DraftModelDrafter(draft, k=k, tree=tree, without_replacement=without_replacement)
 
 
+def _draft_model_student(drafter: Drafter) -> Student:
+    return CausalLMStudent(drafter.model)
+
+
 def _ngram(target=None, draft=None, k: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> Drafter:
     return NgramDrafter(k=k, max_ngram=max_ngram, min_ngram=min_ngram)
 
@@ -70,7 +88,11 @@ DRAFTERS: dict[str, DrafterSpec] = {
     for s in (
         DrafterSpec("none", _none, False, "no drafter: plain target decoding"),
         DrafterSpec(
-            "draft_model", _draft_model, True, "a separate draft model: chain of k or k-config tree"
+            "draft_model",
+            _draft_model,
+            True,
+            "a separate draft model: chain of k or k-config tree",
+            student=_draft_model_student,
         ),
         DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
     )
@@ -109,6 +131,20 @@ def build_drafter(
     return spec.build(target=target, draft=draft, **config)
 
 
+def build_student(name: str, drafter: Drafter) -> Student:
+    """The student of ``drafter`` (built as ``name``): what the trainer, the gate and the
+    registry train, evaluate and version. Its module IS the drafter's: build a separate
+    drafter for training, not the one that serves."""
+    spec = drafter_spec(name)
+    if spec.student is None:
+        trainable = sorted(n for n, s in DRAFTERS.items() if s.trainable)
+        raise ValueError(
+            f"drafter {name!r} has nothing to train online; trainable drafters: "
+            f"{', '.join(trainable)}"
+        )
+    return spec.student(drafter)
+
+
 __all__ = [
     "DRAFTERS",
     "DecodeState",
@@ -118,5 +154,6 @@ __all__ = [
     "NgramDrafter",
     "StepResult",
     "build_drafter",
+    "build_student",
     "drafter_spec",
 ]

@@ -2,11 +2,12 @@
 
 The expected acceptance of a draft at a logged position is
 ``Σ_x min(p(x), q(x)) = 1 − TVD(p, q)`` (:func:`osd.distill.losses.expected_acceptance`, on
-the top-k + tail support). The record holds ``q``; ``p`` comes from ONE forward of the draft
-over the record's token ids (logits at index ``t − 1`` predict token ``t``), so the target
-never runs. :class:`PromotionGate` averages it over every logged position of held-out
-records, for the candidate and for the live draft, and promotes iff
-``candidate ≥ live − margin`` on at least ``min_records`` records;
+the top-k + tail support). The record holds ``q``; ``p`` comes from the drafter's
+:class:`~osd.distill.student.Student` — ``student.predict(records)``, e.g. one forward of a
+draft model over the record's token ids — so the target never runs and the gate works for
+any drafter that registers a student. :class:`PromotionGate` averages it over every
+predicted position of held-out records, for the candidate and for the live version, and
+promotes iff ``candidate ≥ live − margin`` on at least ``min_records`` records;
 :meth:`osd.registry.Registry.gate_and_promote` records the verdict.
 """
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 
-from osd.distill.losses import SparseTarget, expected_acceptance
+from osd.distill.losses import expected_acceptance
 from osd.distill.record import DistillRecord, validate
+from osd.distill.student import Student, sparse_target
 
 __all__ = [
     "AcceptanceEstimate",
@@ -28,15 +30,6 @@ __all__ = [
     "draft_acceptance",
     "sparse_target",
 ]
-
-
-def sparse_target(record: DistillRecord) -> SparseTarget:
-    """A record's logged top-k + tail as a :class:`SparseTarget` ([m, k], [m, k], [m])."""
-    return SparseTarget(
-        topk_ids=torch.as_tensor(record.topk_ids, dtype=torch.long),
-        topk_logprobs=torch.as_tensor(record.topk_logprobs, dtype=torch.float32),
-        tail_logmass=torch.as_tensor(record.tail_logmass, dtype=torch.float32),
-    )
 
 
 @dataclass(frozen=True)
@@ -50,35 +43,38 @@ class AcceptanceEstimate:
 
 @torch.no_grad()
 def draft_acceptance(
-    model: torch.nn.Module, records: list[DistillRecord], temperature: float = 1.0
+    student: Student,
+    records: list[DistillRecord],
+    temperature: float = 1.0,
+    chunk: int = 8,
 ) -> AcceptanceEstimate:
-    """Run only the draft ``model`` (an HF causal LM) once per record and average
-    ``Σ min(p, q)`` over all logged positions.
+    """Average ``Σ min(p, q)`` over the positions ``student`` predicts in ``records``,
+    ``chunk`` records per :meth:`~osd.distill.student.Student.predict` call.
 
-    A record with tokens ``[5, 9, 2, 7]``, prompt 2, positions ``[2, 3]`` takes logits rows
-    1 and 2 of ``model([[5, 9, 2, 7]])`` (they predict tokens 2 and 7) against its top-k.
+    A record with tokens ``[5, 9, 2, 7]``, prompt 2, positions ``[2, 3]`` is scored with a
+    causal-LM student's logits rows 1 and 2 of ``model([[5, 9, 2]])`` (they predict tokens
+    2 and 7) against its top-k.
     """
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    module = student.module
+    was_training = module.training
+    module.eval()
     total, positions, used = 0.0, 0, 0
     try:
-        for record in records:
-            validate(record, vocab)
-            if record.num_positions == 0:
-                continue
-            ids = torch.as_tensor(record.token_ids, dtype=torch.long, device=device)[None]
-            logits = model(ids).logits[0]  # [T, V]
-            rows = torch.as_tensor(record.positions, dtype=torch.long, device=device) - 1
-            acc = expected_acceptance(
-                logits[rows].float().cpu(), sparse_target(record), temperature
-            )
-            total += float(acc.double().sum())  # acc: [m]
-            positions += record.num_positions
-            used += 1
+        for lo in range(0, len(records), chunk):
+            batch = records[lo : lo + chunk]
+            for record in batch:
+                validate(record, student.vocab_size)
+            for logits, record in zip(student.predict(batch), batch, strict=True):  # [n, V]
+                n = logits.shape[0]
+                if n == 0:
+                    continue
+                target = sparse_target(record, student.vocab_size, n)
+                acc = expected_acceptance(logits.float().cpu(), target, temperature)  # [n]
+                total += float(acc.double().sum())
+                positions += n
+                used += 1
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return AcceptanceEstimate(total / positions if positions else 0.0, positions, used)
 
 
@@ -124,23 +120,24 @@ class PromotionGate:
 
     def evaluate(
         self,
-        candidate_model: torch.nn.Module,
-        live_model: torch.nn.Module,
+        candidate: Student,
+        live: Student,
         records: list[DistillRecord],
         temperature: float = 1.0,
     ) -> GateDecision:
-        cand = draft_acceptance(candidate_model, records, temperature)
-        live = draft_acceptance(live_model, records, temperature)
+        """Score the candidate's and the live version's students on the same records."""
+        cand = draft_acceptance(candidate, records, temperature)
+        now = draft_acceptance(live, records, temperature)
         if cand.records < self.min_records:
             ok = False
             reason = (
                 f"{cand.records} records with logged positions; the gate needs {self.min_records}"
             )
         else:
-            ok = cand.mean >= live.mean - self.margin
+            ok = cand.mean >= now.mean - self.margin
             sign = ">=" if ok else "<"
             reason = (
-                f"acceptance {cand.mean:.4f} {sign} live {live.mean:.4f} - margin {self.margin} "
+                f"acceptance {cand.mean:.4f} {sign} live {now.mean:.4f} - margin {self.margin} "
                 f"over {cand.positions} positions of {cand.records} records"
             )
-        return GateDecision(ok, cand.mean, live.mean, cand.records, reason, cand.positions)
+        return GateDecision(ok, cand.mean, now.mean, cand.records, reason, cand.positions)

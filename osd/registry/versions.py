@@ -57,10 +57,11 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the module doctest uses it)
 from torch import Tensor
 
 from osd.distill.record import DistillRecord
+from osd.distill.student import Student
 from osd.registry.gate import (
     AcceptanceEstimate,
     GateDecision,
@@ -349,20 +350,20 @@ class Registry:
         drafter_id: str,
         version: int,
         gate: PromotionGate,
-        candidate_model: torch.nn.Module,
-        live_model: torch.nn.Module,
+        candidate: Student,
+        live: Student,
         records: list[DistillRecord],
         temperature: float = 1.0,
     ) -> GateDecision:
-        """Evaluate candidate ``version`` (loaded in ``candidate_model``) against the live
-        version (in ``live_model``) on ``records``; record the numbers and promote or reject.
+        """Evaluate candidate ``version`` (loaded in the ``candidate`` student) against the
+        live version (in ``live``) on ``records``; record the numbers and promote or reject.
         """
         with self._lock:
             info = self._get(drafter_id).info(version)
             if info.status != "candidate":
                 raise RegistryError(f"{drafter_id} v{version} is {info.status}, not a candidate")
             live_before = self._get(drafter_id).live
-        decision = gate.evaluate(candidate_model, live_model, records, temperature)  # unlocked
+        decision = gate.evaluate(candidate, live, records, temperature)  # unlocked
         evaluation = {
             **decision.evaluation(),
             "live_version": live_before,
