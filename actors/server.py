@@ -1,7 +1,7 @@
 """The serving replica: a Ray Serve deployment with an OpenAI-compatible HTTP API.
 
 Each replica owns an :class:`osd.serving.ServingLoop` (target + drafter, speculative
-decoding, hot-swaps between steps) and wires it to:
+decoding with continuous batching, hot-swaps between steps) and wires it to:
 
 - HTTP (FastAPI ingress): ``POST /v1/completions`` (JSON or server-sent events),
   ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), and
@@ -11,6 +11,11 @@ decoding, hot-swaps between steps) and wires it to:
 - the registry actor: a thread polls the live version (a dict lookup, every
   ``registry.poll_s``), fetches new weights, checks their sha256 and shapes, and offers
   them to the loop, which adopts them before its next step; adoptions are reported back.
+  A drafter without weights (``ngram``, ``none``) has nothing to follow: no poll.
+
+The drafter is built by name (``cfg.drafter``, options ``k`` and ``serve.drafter_options``)
+with :func:`osd.drafters.build_drafter`; the draft model is loaded only for drafters that
+need one.
 
 Bad requests get a 4xx with an OpenAI-style error body (``osd.actors.openai_api``) and
 never reach the loop. :func:`app_builder` is the import path for ``serve run`` / KubeRay.
@@ -45,7 +50,7 @@ from ray import serve
 
 from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig
-from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
 from osd.registry import (
     WeightValidationError,
@@ -57,7 +62,7 @@ from osd.registry import (
 from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
 from osd.specdec.engine import SpeculativeDecoder
 
-__all__ = ["OSDServer", "api", "app_builder", "build_app"]
+__all__ = ["OSDServer", "api", "app_builder", "build_app", "build_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,17 @@ def _replica_id() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:
         return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_decoder(cfg: ClusterConfig, device: str | torch.device = "cpu") -> SpeculativeDecoder:
+    """The replica's engine: the target and the drafter named ``cfg.drafter``, built by name
+    with its options (``k``, ``serve.drafter_options``); the draft model is loaded only
+    for a drafter that needs one."""
+    target = load_model(cfg.target, device)
+    draft = load_model(cfg.draft, device) if drafter_spec(cfg.drafter).needs_draft else None
+    options = cfg.serve.drafter_config(cfg.drafter, cfg.k)
+    drafter = build_drafter(cfg.drafter, target, draft, **options)
+    return SpeculativeDecoder(target, drafter, load_tokenizer(cfg.target))
 
 
 @serve.deployment(name="OSDServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -91,13 +107,12 @@ class OSDServer:
         device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.replica = _replica_id()
         self.started = int(time.time())
-        target, draft = load_model(cfg.target, device), load_model(cfg.draft, device)
-        self.tokenizer = load_tokenizer(cfg.target)
-        drafter = DraftModelDrafter(draft, k=cfg.k)
-        self.reference = spec_of(drafter.state_dict())
-        decoder = SpeculativeDecoder(target, drafter, self.tokenizer)
+        decoder = build_decoder(cfg, device)
+        self.tokenizer = decoder.tokenizer
+        self.drafter_options = cfg.serve.drafter_config(cfg.drafter, cfg.k)
+        self.reference = spec_of(decoder.drafter.state_dict())
         self.context = decoder.context
-        self.vocab = int(target.config.vocab_size)
+        self.vocab = int(decoder.target.config.vocab_size)
         self.metrics = ReplicaMetrics(cfg.model_name, cfg.drafter_id)
         buffer = RedisStreamBuffer(
             redis.Redis.from_url(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
@@ -116,9 +131,18 @@ class OSDServer:
         ).start()
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
         self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
-        self._poller.start()
-        log.info("replica %s up on %s (context %d)", self.replica, device, self.context)
+        if self.reference:  # a drafter with weights: follow the registry's versions
+            self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
+            self._poller.start()
+        log.info(
+            "replica %s up on %s (context %d, drafter %s %s, max batch %d)",
+            self.replica,
+            device,
+            self.context,
+            cfg.drafter,
+            self.drafter_options,
+            self.loop.max_batch,
+        )
 
     # -- versions --------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -184,10 +208,13 @@ class OSDServer:
             "root": self.cfg.target,
             "max_model_len": self.context,
             "osd": {
-                "draft": self.cfg.draft,
+                "drafter": self.cfg.drafter,
+                "drafter_options": self.drafter_options,
+                "draft": self.cfg.draft if drafter_spec(self.cfg.drafter).needs_draft else None,
                 "drafter_id": self.cfg.drafter_id,
                 "drafter_version": self.loop.version,
                 "k": self.cfg.k,
+                "max_batch": self.loop.max_batch,
             },
         }
         return {"object": "list", "data": [card]}

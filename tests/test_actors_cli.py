@@ -40,6 +40,17 @@ def test_bad_config_is_a_clear_error(app, tmp_path):
     assert r.exit_code == 2 and "serve.replicas" in r.output
 
 
+def test_serve_names_the_drafter(app, tmp_path):
+    r = runner.invoke(app, ["serve", "--help"])
+    assert r.exit_code == 0 and "--drafter" in r.output and "--max-batch" in r.output
+    r = runner.invoke(app, ["serve", "--drafter", "medusa"])
+    assert r.exit_code == 2 and "unknown drafter 'medusa'" in r.output
+    bad = tmp_path / "t.yaml"
+    bad.write_text("serve: {drafter_options: {depth: 3}}\n")
+    r = runner.invoke(app, ["serve", "--config", str(bad), "--drafter", "ngram"])
+    assert r.exit_code == 2 and "takes no option" in r.output and "'depth'" in r.output
+
+
 def test_replay_records_failures_when_nothing_listens(app, tmp_path, data_dir):
     out = tmp_path / "r.json"
     r = runner.invoke(

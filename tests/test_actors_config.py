@@ -46,6 +46,9 @@ def test_round_trip_and_overrides(tmp_path):
         ({"buffer": {"holdout_every": 1}}, "holdout_every"),
         ({"drafter_id": "bad id/"}, "drafter id"),
         ({"k": 0}, "k must be"),
+        ({"serve": {"max_batch": 0}}, "serve.max_batch"),
+        ({"serve": {"drafter_options": {"depth": 3}}}, "takes no option 'depth'; it takes: k"),
+        ({"serve": {"drafter_options": "tree=4,2,2"}}, "drafter_options must be a mapping"),
     ],
 )
 def test_bad_config_says_what_is_wrong(doc, words):
@@ -69,3 +72,17 @@ def test_runtime_env_passes_the_zoo_and_one_thread(monkeypatch):
     env = runtime_env()["env_vars"]
     assert env["OSD_ZOO_DIR"] == "/zoo" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "REDIS_URL" not in env  # secrets travel in the config, not in every env
+
+
+def test_drafter_options_join_k_where_the_drafter_takes_it():
+    cfg = ClusterConfig.from_dict({"serve": {"drafter_options": {"tree": "4,2,2"}}})
+    assert cfg.serve.drafter_config(cfg.drafter, cfg.k) == {"k": 4, "tree": "4,2,2"}
+    assert ClusterConfig().serve.drafter_config("none", 4) == {}  # "none" takes no k
+    ngram = ClusterConfig.from_dict(
+        {
+            "drafter": "ngram",
+            "trainer": {"count": 0},
+            "serve": {"drafter_options": {"k": 2, "max_ngram": 2}},
+        }
+    )
+    assert ngram.serve.drafter_config("ngram", 5) == {"k": 2, "max_ngram": 2}  # options win

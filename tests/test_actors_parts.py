@@ -1,11 +1,12 @@
 """The actors' building blocks without Ray: record sink, Redis registry store, metrics,
-replay summaries and the demo's α gain."""
+replay summaries, the demo's α gain and the replica's drafter built by name."""
 
 import time
 
 import numpy as np
 import pytest
 import torch
+from osd.actors.config import ClusterConfig
 from osd.actors.demo import alpha_gain
 from osd.actors.metrics import ReplicaMetrics
 from osd.actors.record_sink import RecordSink, holdout_stream
@@ -21,6 +22,7 @@ from osd.actors.replay import (
 
 from osd.buffer import EmbeddedRedis, MemoryBuffer
 from osd.distill.record import build_record, decode
+from osd.drafters import DraftModelDrafter, NgramDrafter
 from osd.registry import Registry, WeightValidationError
 from osd.serving import RequestResult, SwapEvent
 from osd.specdec.engine import DecodeStats
@@ -159,3 +161,19 @@ def test_alpha_gain_uses_the_last_domain_first_and_last(tmp_path):
     assert alpha_gain(rs, first_last=100)["m"] == 15  # fewer than 2 × 100: half each
     plot_replay(rs, tmp_path / "r.png", window=5)
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_replica_decoder_builds_the_drafter_by_name():
+    from osd.actors.server import build_decoder
+
+    tree = ClusterConfig.from_dict({"serve": {"drafter_options": {"tree": "2,2"}}})
+    dec = build_decoder(tree, "cpu")
+    assert isinstance(dec.drafter, DraftModelDrafter) and dec.drafter.branching == (2, 2)
+    ngram = ClusterConfig.from_dict(
+        {"drafter": "ngram", "k": 3, "trainer": {"count": 0}, "serve": {"drafter_options": {}}}
+    )
+    dec = build_decoder(ngram, "cpu")
+    assert isinstance(dec.drafter, NgramDrafter) and dec.drafter.k == 3
+    assert dec.drafter.state_dict() == {}  # nothing to hot-swap: the replica does not poll
+    out = dec.generate("SELECT", max_new_tokens=4)
+    assert len(out.tokens) <= 4 and out.stats.steps > 0

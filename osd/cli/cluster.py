@@ -132,17 +132,36 @@ def serve(
     port: PortOpt = None,
     replicas: ReplicasOpt = None,
     trainers: TrainersOpt = None,
+    drafter: Annotated[
+        str | None,
+        typer.Option(
+            help="Drafter by name (drafter): draft_model, ngram, none (see osd.drafters); "
+            "one with nothing to train (ngram, none) starts no trainers."
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="Sequences stepped together per replica (serve.max_batch)."),
+    ] = None,
     redis_url: RedisOpt = None,
 ) -> None:
     """Start the server alone on a local Ray (replicas + registry + trainers) and keep it up."""
     from osd.actors.cluster import launch as launch_cluster
+    from osd.drafters import drafter_spec
 
+    if drafter is not None and trainers is None:
+        try:
+            trainers = None if drafter_spec(drafter).trainable else 0
+        except ValueError as err:
+            fail(str(err))
     cfg = _config(
         config,
         **{
             "serve.port": port,
             "serve.replicas": replicas,
             "trainer.count": trainers,
+            "drafter": drafter,
+            "serve.max_batch": max_batch,
             "buffer.url": redis_url,
         },
     )
@@ -190,7 +209,7 @@ def launch(
         fail(str(err))
     console.print(
         f"osd up at {cluster.url}: {cfg.serve.replicas} replica(s), {cfg.trainer.count} "
-        f"trainer(s), drafter {cfg.draft} ({cfg.trainer.loss}"
+        f"trainer(s), drafter {cfg.drafter} ({cfg.trainer.loss}"
         f"{', LoRA' if cfg.trainer.lora else ''}), startup {cluster.timings}"
     )
     if cluster.started_ray or wait:
