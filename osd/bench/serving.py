@@ -179,7 +179,8 @@ def run_serving_bench(
 ) -> dict:
     """Serve every prompt at each concurrency level of ``cfg``; return the JSON-able report.
 
-    ``progress(concurrency, done, total)`` is called as requests finish.
+    ``progress(concurrency, done, total)`` is called when a level starts (``done = 0``)
+    and as its requests finish.
     """
     cfg.validate()
     device = torch.device(cfg.device) if cfg.device else None
@@ -198,6 +199,8 @@ def run_serving_bench(
         for c in cfg.concurrency:
             steps, stepped = loop.steps, loop.stepped
             tick = None if progress is None else lambda done, c=c: progress(c, done, len(prompts))
+            if tick is not None:
+                tick(0)  # the level starts
             results, wall = _serve_level(loop, prompts, c, cfg.max_new_tokens, cfg.timeout_s, tick)
             levels.append(_level(c, results, wall, loop.steps - steps, loop.stepped - stepped))
             by_prompt[c] = {r.request_id.split("-", 1)[1]: r.token_ids for r in results}

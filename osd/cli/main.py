@@ -361,9 +361,13 @@ def _bench_serving(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        tasks = {c: bar.add_task(f"concurrency {c}", total=None) for c in cfg.concurrency}
+        tasks = {
+            c: bar.add_task(f"concurrency {c}", total=None, start=False) for c in cfg.concurrency
+        }
 
         def progress(c: int, done: int, total: int) -> None:
+            if done == 0:
+                bar.start_task(tasks[c])  # elapsed time counts from the level's start
             bar.update(tasks[c], completed=done, total=total)
 
         try:
