@@ -5,15 +5,15 @@ Redis (:class:`~osd.actors.redis_store.RedisStore`, default) or a directory
 (:class:`~osd.registry.DiskStore`), so a restarted actor has every version and the live
 pointer. The flow of one version:
 
-1. a trainer calls :meth:`RegistryActor.publish` with safetensors bytes;
-2. ``Registry.publish`` validates names, shapes, dtypes, finiteness and checksum — bad
-   weights never get a version;
-3. ``Registry.gate_and_promote`` estimates the candidate's and the live draft's
-   acceptance on the held-out records (``<drafter_id>.holdout``, which replicas fill and
-   trainers never read) without running the target, and promotes or rejects;
-4. replicas poll :meth:`live_version` (a dict lookup), fetch :meth:`serving_weights`
-   (full weights; LoRA adapters merged onto the base here, once) and adopt them between
-   decode steps, then :meth:`report_adoption` with their pause.
+1. a trainer calls :meth:`RegistryActor.publish` with safetensors bytes (and, for a LoRA
+   adapter, its spec);
+2. the :class:`~osd.registry.Promoter` — the same flow ``osd online`` runs — validates
+   and stores it, scores the candidate's and the live version's students (the drafter's,
+   built by name) on the held-out records (``<drafter_id>.holdout``, which replicas fill
+   and trainers never read) without running the target, and promotes or rejects;
+3. replicas poll :meth:`live_version` (a dict lookup), fetch :meth:`serving_weights`
+   (full weights; LoRA adapters merged onto their base version here, once) and adopt them
+   between decode steps, then :meth:`report_adoption` with their pause.
 
 Runs threaded (``max_concurrency``): polls are answered while a gate evaluates; publishes
 are serialised by a lock.
@@ -22,7 +22,6 @@ are serialised by a lock.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import time
@@ -34,19 +33,10 @@ from osd.actors.config import ClusterConfig
 from osd.actors.record_sink import holdout_stream
 
 from osd.buffer import RedisStreamBuffer
-from osd.distill.lora import merge_adapter
 from osd.distill.record import RecordError, decode
-from osd.distill.student import Student
 from osd.drafters import build_drafter, build_student
 from osd.models import load_model
-from osd.registry import (
-    DiskStore,
-    PromotionGate,
-    Registry,
-    checksum,
-    weights_from_bytes,
-    weights_to_bytes,
-)
+from osd.registry import DiskStore, Promoter, PromotionGate, Registry, checksum, weights_to_bytes
 
 __all__ = ["RegistryActor"]
 
@@ -77,12 +67,13 @@ class RegistryActor:
         drafter = build_drafter(
             cfg.drafter, None, load_model(cfg.draft, "cpu"), lenient=True, k=cfg.k
         )
-        self.base: Student = build_student(cfg.drafter, drafter)
-        self.registry.register_base(
-            cfg.drafter_id, self.base.module.state_dict(), provenance={"source": cfg.draft}
+        self.promoter = Promoter(
+            self.registry,
+            cfg.drafter_id,
+            build_student(cfg.drafter, drafter),
+            PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
+            provenance={"source": cfg.draft},
         )
-        self.gate = PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records)
-        self.distill = cfg.trainer.distill_config()
         self.holdout_buffer = RedisStreamBuffer(
             self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
         )
@@ -94,7 +85,6 @@ class RegistryActor:
         self._publish_lock = threading.Lock()
         self._lock = threading.Lock()
         self._serving_cache: dict[int, tuple[bytes, str]] = {}
-        self._live_model: tuple[int, Student] | None = None
         self.decisions: list[dict[str, Any]] = []
         self.adoptions: list[dict[str, Any]] = []
         live = self.registry.live_version(cfg.drafter_id)
@@ -107,30 +97,24 @@ class RegistryActor:
     def versions(self, drafter_id: str) -> list[dict[str, Any]]:
         return [v.to_dict() for v in self.registry.versions(drafter_id)]
 
-    def raw_weights(self, drafter_id: str, version: int | None = None) -> tuple[int, str, bytes]:
-        """(version, kind, stored bytes) — what a restarting trainer resumes from."""
+    def raw_weights(self, drafter_id: str, version: int | None = None) -> dict[str, Any]:
+        """What a restarting trainer resumes from: the ``version`` (default: live), its
+        ``kind``, its stored bytes (``data``) and, for a LoRA adapter, its spec (``lora``)."""
         if version is None:
             info = self.registry.live(drafter_id)
         else:
             info = self.registry.info(drafter_id, version)
-        return info.version, info.kind, self.registry.weight_bytes(drafter_id, info.version)
+        data = self.registry.weight_bytes(drafter_id, info.version)
+        return {"version": info.version, "kind": info.kind, "data": data, "lora": info.lora}
 
     def serving_weights(self, drafter_id: str, version: int) -> tuple[bytes, str]:
         """Full weights of ``version`` as safetensors bytes and their sha256."""
+        self._check_id(drafter_id)
         with self._lock:
             hit = self._serving_cache.get(version)
         if hit is not None:
             return hit
-        info = self.registry.info(drafter_id, version)
-        data = self.registry.weight_bytes(drafter_id, version)
-        if info.kind == "lora":
-            base = weights_from_bytes(self.registry.weight_bytes(drafter_id, 0))
-            model = copy.deepcopy(self.base.module)
-            model.load_state_dict(base)
-            spec = self.distill.lora_spec()
-            adapter = weights_from_bytes(data)
-            merged = merge_adapter(model, adapter, spec, self.base.lora_task_type)
-            data = weights_to_bytes(merged)
+        data = weights_to_bytes(self.promoter.weights(version))
         out = (data, checksum(data))
         with self._lock:
             self._serving_cache = {v: d for v, d in self._serving_cache.items() if v > version - 3}
@@ -145,47 +129,27 @@ class RegistryActor:
         kind: str,
         provenance: dict[str, Any],
         digest: str | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate, store, gate and promote or reject one candidate; returns the decision."""
+        self._check_id(drafter_id)
         with self._publish_lock:
             self._refresh_holdout(drafter_id)
-            live = self.registry.live_version(drafter_id)
-            info = self.registry.publish(
-                drafter_id, data, provenance, checksum=digest, kind=kind, parent=live
+            outcome = self.promoter.submit(
+                data, kind, provenance, list(self.holdout), lora=lora, checksum=digest
             )
-            candidate = self._model_for(drafter_id, info.version)
-            live_model = self._live_for(drafter_id, live)
-            records = list(self.holdout)
-            decision = self.registry.gate_and_promote(
-                drafter_id, info.version, self.gate, candidate, live_model, records
-            )
-            if decision.promote:
-                self._live_model = (info.version, candidate)
-            out = {
-                "version": info.version,
-                "promoted": decision.promote,
-                "candidate": decision.candidate,
-                "live": decision.live,
-                "live_version": live,
-                "records": decision.records,
-                "reason": decision.reason,
-                "time": time.time(),
-                "provenance": info.provenance,
-            }
+            out = {**outcome.to_dict(), "time": time.time()}
             self.decisions.append(out)
-        log.info(
-            "%s v%d %s: %s",
-            drafter_id,
-            info.version,
-            "promoted" if decision.promote else "rejected",
-            decision.reason,
-        )
         return out
+
+    def _check_id(self, drafter_id: str) -> None:
+        if drafter_id != self.drafter_id:
+            raise ValueError(f"this registry serves {self.drafter_id!r}, not {drafter_id!r}")
 
     def _refresh_holdout(self, drafter_id: str) -> None:
         """Pull new held-out records (the gate's consumer group) into the recent window."""
         stream = holdout_stream(drafter_id)
-        vocab = self.base.vocab_size
+        vocab = self.promoter.base.vocab_size
         while True:
             entries = self.holdout_buffer.read(stream, count=64)
             if not entries:
@@ -196,18 +160,6 @@ class RegistryActor:
                 except RecordError as err:
                     log.warning("dropping malformed held-out record %s: %s", e.id, err)
             self.holdout_buffer.ack(stream, [e.id for e in entries])
-
-    def _model_for(self, drafter_id: str, version: int) -> Student:
-        data, _ = self.serving_weights(drafter_id, version)
-        student = copy.deepcopy(self.base)
-        student.load_weights(weights_from_bytes(data))
-        student.module.eval()
-        return student
-
-    def _live_for(self, drafter_id: str, live: int) -> Student:
-        if self._live_model is None or self._live_model[0] != live:
-            self._live_model = (live, self._model_for(drafter_id, live))
-        return self._live_model[1]
 
     def rollback(self, drafter_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
         """Put the previously live version back; replicas adopt it at their next poll."""

@@ -6,9 +6,10 @@ trains on a thread of its own (``OnlineDistiller.run``) and, when the distiller 
 publishes the weights to the registry actor as safetensors bytes with their sha256.
 
 Restart: the new incarnation resumes from the registry's live version (its weights, or
-its LoRA adapter) and — same consumer name — first re-reads the entries its predecessor
-held un-acked, so no record is lost (at-least-once, DESIGN §4). Records of a consumer
-that never comes back are reclaimed by the others after ``reclaim_idle_ms``.
+its LoRA adapter on the base version its spec names) and — same consumer name — first
+re-reads the entries its predecessor held un-acked, so no record is lost (at-least-once,
+DESIGN §4). Records of a consumer that never comes back are reclaimed by the others after
+``reclaim_idle_ms``.
 
 Controls for experiments: :meth:`pause` / :meth:`resume` the training thread, and
 :meth:`set_publishing` (train without publishing: the served weights stay fixed).
@@ -26,6 +27,7 @@ import torch
 from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
+from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student
 from osd.models import load_model
@@ -56,15 +58,26 @@ class TrainerActor:
             cfg.drafter, None, load_model(cfg.draft, device), lenient=True, k=cfg.k
         )
         student = build_student(cfg.drafter, drafter)
-        version, kind, data = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
         dcfg = cfg.trainer.distill_config()
-        if kind == "full":
-            student.load_weights(weights_from_bytes(data))
-        self.distiller = OnlineDistiller(student, buffer, cfg.drafter_id, dcfg)
-        if kind == "lora":
-            if not dcfg.lora:
-                raise ValueError("the live version is a LoRA adapter; set trainer.lora: true")
-            student.load_adapter(weights_from_bytes(data), dcfg.lora_spec())
+        live = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
+        version, kind = live["version"], live["kind"]
+        adapter = None
+        if kind == "full":  # full or LoRA training goes on from these weights
+            base_version = version
+            student.load_weights(weights_from_bytes(live["data"]))
+        elif dcfg.lora:  # the live adapter goes on training, on its own base version
+            spec = LoraSpec.from_dict(live["lora"])
+            base_version = spec.base_version
+            base = ray.get(self.registry.raw_weights.remote(cfg.drafter_id, base_version))
+            student.load_weights(weights_from_bytes(base["data"]))
+            adapter = (weights_from_bytes(live["data"]), spec)
+        else:  # a full fine-tune from the live adapter merged onto its base
+            base_version = version
+            merged, _ = ray.get(self.registry.serving_weights.remote(cfg.drafter_id, version))
+            student.load_weights(weights_from_bytes(merged))
+        self.distiller = OnlineDistiller(student, buffer, cfg.drafter_id, dcfg, base_version)
+        if adapter is not None:
+            student.load_adapter(*adapter)
         self.resumed_from = version
         self.publishing = True
         self.decisions: list[dict[str, Any]] = []
@@ -102,9 +115,10 @@ class TrainerActor:
         snap = d.student.export()
         data = weights_to_bytes(snap.weights)
         provenance = d.provenance(self.name)
+        lora = None if snap.lora is None else snap.lora.to_dict()
         decision = ray.get(
             self.registry.publish.remote(
-                self.drafter_id, data, snap.kind, provenance, checksum(data)
+                self.drafter_id, data, snap.kind, provenance, checksum(data), lora
             )
         )
         self.decisions.append(decision)

@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
+from osd.distill.student import Student
 from osd.distill.trainer import DistillConfig, OnlineDistiller
 from osd.drafters import Drafter, build_drafter, build_student
-from osd.registry import PromotionGate, Registry
+from osd.registry import Promoter, PromotionGate, Registry
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.replay import replay_greedy
 from osd.workloads.schedule import parse_schedule
@@ -159,13 +160,14 @@ def run_online(
         publish_every_steps=cfg.publish_every_steps,
         publish_every_s=None,
     )
-    learner = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
-    trainer = OnlineDistiller(build_student(cfg.drafter, learner), buffer, DRAFTER_ID, dcfg)
-    registry = registry or Registry()
-    registry.register_base(
-        DRAFTER_ID, serving.state_dict(), provenance={"source": "zoo", "role": "initial draft"}
+    trainer = OnlineDistiller(_student(cfg, target, draft), buffer, DRAFTER_ID, dcfg)
+    promoter = Promoter(
+        registry or Registry(),
+        DRAFTER_ID,
+        _student(cfg, target, draft),  # version 0: the untouched initial draft
+        PromotionGate(margin=cfg.gate_margin),
+        provenance={"source": "zoo", "role": "initial draft"},
     )
-    gate = PromotionGate(margin=cfg.gate_margin)
     holdout: deque = deque(maxlen=cfg.holdout_size)
     record_bytes, record_positions = 0, 0
 
@@ -203,7 +205,7 @@ def run_online(
             if trainer.step() is None:
                 break
             if trainer.should_publish():
-                _publish(cfg.drafter, registry, trainer, gate, serving, list(holdout), result)
+                _publish(promoter, trainer, serving, list(holdout), result)
                 trainer.mark_published()
         result.trainer_steps = trainer.steps
         result.bytes_per_position = record_bytes / max(record_positions, 1)
@@ -223,52 +225,37 @@ def run_online(
     return result
 
 
+def _student(cfg: OnlineConfig, target, draft) -> Student:
+    """A student of ``cfg.drafter`` on its own copy of ``draft``."""
+    drafter = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
+    return build_student(cfg.drafter, drafter)
+
+
 def _publish(
-    name: str,
-    registry: Registry,
+    promoter: Promoter,
     trainer: OnlineDistiller,
-    gate: PromotionGate,
     serving: Drafter,
     holdout: list,
     result: OnlineResult,
 ) -> None:
-    """Publish the trainer's weights, gate them on held-out records, hot-swap if promoted.
-
-    A LoRA adapter is cumulative (trained on the base since the start): the serving copy
-    loads the trainer's weights with the adapter merged, never the adapter on top of the
-    already-merged serving copy.
-    """
+    """Hand the trainer's export to the promotion flow; hot-swap the serving drafter if
+    promoted (between requests: never mid-step). A LoRA adapter is cumulative (trained on
+    the initial draft, its base version), so the promoter merges it into that base."""
     snap = trainer.student.export()
-    live = registry.live_version(DRAFTER_ID)
-    info = registry.publish(
-        DRAFTER_ID,
-        snap.weights,
-        kind=snap.kind,
-        parent=live,
-        provenance=trainer.provenance("in-process"),
+    outcome = promoter.submit(
+        snap.weights, snap.kind, trainer.provenance("in-process"), holdout, snap.lora
     )
-    decision = registry.gate_and_promote(
-        DRAFTER_ID, info.version, gate, trainer.student, build_student(name, serving), holdout
-    )
-    if decision.promote:
-        new = snap.weights if snap.kind == "full" else trainer.student.merged_state_dict()
-        serving.load_state_dict(new, info.version)  # between requests: never mid-step
+    if outcome.promoted:
+        serving.load_state_dict(promoter.weights(outcome.version), outcome.version)
     result.versions.append(
         {
-            "version": info.version,
-            "promoted": decision.promote,
-            "candidate": decision.candidate,
-            "live": decision.live,
+            "version": outcome.version,
+            "promoted": outcome.promoted,
+            "candidate": outcome.candidate,
+            "live": outcome.live,
             "at_request": len(result.requests),
             "steps": trainer.steps,
         }
-    )
-    log.info(
-        "v%d %s (candidate %.3f vs live %.3f)",
-        info.version,
-        "promoted" if decision.promote else "rejected",
-        decision.candidate,
-        decision.live,
     )
 
 

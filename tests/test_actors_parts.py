@@ -21,7 +21,7 @@ from osd.actors.replay import (
 )
 
 from osd.buffer import EmbeddedRedis, MemoryBuffer
-from osd.distill.record import build_record, decode
+from osd.distill.record import build_record, decode, encode
 from osd.drafters import DraftModelDrafter, NgramDrafter
 from osd.registry import Registry, WeightValidationError
 from osd.serving import RequestResult, SwapEvent
@@ -177,3 +177,50 @@ def test_replica_decoder_builds_the_drafter_by_name():
     assert dec.drafter.state_dict() == {}  # nothing to hot-swap: the replica does not poll
     out = dec.generate("SELECT", max_new_tokens=4)
     assert len(out.tokens) <= 4 and out.stats.steps > 0
+
+
+# ---- the registry actor's promotion flow, without Ray -----------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft's call
+def test_registry_actor_gates_full_and_lora_versions_and_serves_merged_weights():
+    from osd.actors.registry_actor import RegistryActor
+
+    from osd.distill.lora import LoraSpec, adapter_state_dict, wrap_lora
+    from osd.distill.student import CausalLMStudent
+    from osd.models import load_model
+    from osd.registry import checksum, weights_from_bytes, weights_to_bytes
+
+    draft = load_model("zoo:draft", "cpu")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, draft.config.vocab_size, (4, 12), generator=gen)
+    with torch.no_grad():
+        logits = draft(tokens).logits  # the draft logs itself: its acceptance is ~1
+    with EmbeddedRedis() as server:
+        actor = RegistryActor({"buffer": {"url": server.url}, "trainer": {"count": 0}})
+        for i in range(4):
+            rec = build_record(f"r{i}", tokens[i], 4, list(range(4, 12)), logits[i, 3:11],
+                               k=16, drafter_id="draft", version=0)  # fmt: skip
+            actor.holdout_buffer.put(holdout_stream("draft"), encode(rec))
+        noisy = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in
+                 draft.state_dict().items()}  # fmt: skip
+        data = weights_to_bytes(noisy)
+        out = actor.publish("draft", data, "full", {"trainer": "t"}, checksum(data))
+        assert (out["version"], out["promoted"], out["records"]) == (1, False, 4)
+
+        spec = LoraSpec(r=2, alpha=4, target_modules=("q_proj",), base_version=0)
+        wrapped = wrap_lora(load_model("zoo:draft", "cpu"), spec, "CAUSAL_LM")
+        adapter = adapter_state_dict(wrapped)  # lora_B = 0: the base exactly
+        data = weights_to_bytes(adapter)
+        out = actor.publish("draft", data, "lora", {"trainer": "t"}, checksum(data), spec.to_dict())
+        assert out["promoted"] and actor.live_version("draft") == 2
+        raw = actor.raw_weights("draft")
+        assert (raw["version"], raw["kind"], raw["lora"]) == (2, "lora", spec.to_dict())
+        served, digest = actor.serving_weights("draft", 2)
+        assert digest == checksum(served)
+        merged = weights_from_bytes(served)
+        assert set(merged) == set(draft.state_dict())
+        for name, t in draft.state_dict().items():
+            torch.testing.assert_close(merged[name], t, msg=name)
+        assert CausalLMStudent(draft).vocab_size == actor.promoter.base.vocab_size
+        assert len(actor.report()["decisions"]) == 2

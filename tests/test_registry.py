@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import doctest
 import json
 import os
@@ -14,13 +16,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import osd.registry
 import osd.registry.gate
+import osd.registry.promotion
 import osd.registry.store
+import osd.registry.versions
 import osd.registry.weights
+from osd.distill.lora import LoraSpec, adapter_state_dict, wrap_lora
 from osd.distill.record import DistillRecord, build_record
 from osd.distill.student import CausalLMStudent
 from osd.registry import (
     DiskStore,
     MemoryStore,
+    Promoter,
     PromotionGate,
     Registry,
     RegistryError,
@@ -86,9 +92,24 @@ def test_weights_bytes_are_canonical_and_round_trip():
         weights_from_bytes(b"\x00" * 40)
 
 
+SPEC = LoraSpec(r=2, alpha=4, target_modules=("q",), base_version=0)
+
+
 def test_version_info_round_trips_through_json():
-    info = VersionInfo(ID, 3, "lora", "a" * 64, {"steps": 5, "loss": 0.25}, parent=1)
+    info = VersionInfo(ID, 3, "lora", "a" * 64, {"steps": 5}, parent=1, lora=SPEC.to_dict())
     assert VersionInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    assert info.lora_spec == SPEC
+    with pytest.raises(ValueError, match="without its LoRA spec"):
+        VersionInfo(ID, 3, "lora", "a" * 64)
+    with pytest.raises(ValueError, match="only lora has a LoRA spec"):
+        VersionInfo(ID, 3, "full", "a" * 64, lora=SPEC.to_dict())
+    with pytest.raises(ValueError, match="LoRA base v3 must be older than v3"):
+        VersionInfo(ID, 3, "lora", "a" * 64, lora={**SPEC.to_dict(), "base_version": 3})
+    with pytest.raises(ValueError, match="lora_r"):
+        VersionInfo(ID, 3, "lora", "a" * 64, lora={**SPEC.to_dict(), "r": 0})
+    full = VersionInfo(ID, 1, "full", "a" * 64).to_dict()
+    del full["lora"]  # an index written before versions carried LoRA specs
+    assert VersionInfo.from_dict(full).lora is None
     with pytest.raises(ValueError, match="status"):
         VersionInfo.from_dict({**info.to_dict(), "status": "golden"})
     with pytest.raises(ValueError, match="standard JSON"):
@@ -268,18 +289,26 @@ def test_lora_reference_from_first_lora_version_or_register():
     lora = {"q.lora_A.weight": torch.zeros(2, 4), "q.lora_B.weight": torch.zeros(4, 2)}
     reg = Registry()
     reg.register_base(ID, base_weights())
-    assert reg.publish(ID, lora, kind="lora").kind == "lora"  # defines the lora reference
+    v1 = reg.publish(ID, lora, kind="lora", lora=SPEC)  # defines the lora reference
+    assert v1.kind == "lora" and reg.info(ID, 1).lora_spec == SPEC
     with pytest.raises(WeightValidationError, match=r"v2 \(lora\): tensor 'q.lora_A.weight'"):
-        reg.publish(ID, {**lora, "q.lora_A.weight": torch.zeros(3, 4)}, kind="lora")
+        reg.publish(ID, {**lora, "q.lora_A.weight": torch.zeros(3, 4)}, kind="lora", lora=SPEC)
+    with pytest.raises(ValueError, match="without its LoRA spec"):
+        reg.publish(ID, lora, kind="lora")
+    with pytest.raises(RegistryError, match="sits on full weights; its base v1 is lora"):
+        reg.publish(ID, lora, kind="lora", lora={**SPEC.to_dict(), "base_version": 1})
+    with pytest.raises(RegistryError, match="has no version 7"):
+        reg.publish(ID, lora, kind="lora", lora=dataclasses.replace(SPEC, base_version=7))
+    assert [v.version for v in reg.versions(ID)] == [0, 1]  # nothing stored on failure
 
     other = Registry()
     spec = {
         "q.lora_A.weight": TensorSpec((8, 4), "float32"),
         "q.lora_B.weight": lora["q.lora_B.weight"],
     }
-    other.register_base(ID, base_weights(), lora_spec=spec)
+    other.register_base(ID, base_weights(), lora_reference=spec)
     with pytest.raises(WeightValidationError, match=r"shape \[2, 4\]; the reference has \[8, 4\]"):
-        other.publish(ID, lora, kind="lora")
+        other.publish(ID, lora, kind="lora", lora=SPEC)
 
 
 def test_gc_keeps_base_live_rollback_target_and_newest():
@@ -293,6 +322,11 @@ def test_gc_keeps_base_live_rollback_target_and_newest():
     assert [v.version for v in reg.versions(ID)] == [0, 2, 3, 5, 6]
     assert reg.rollback(ID).version == 2
     assert reg.publish(ID, shifted(7.0)).version == 7
+
+    lora = {"q.lora_A.weight": torch.zeros(2, 4), "q.lora_B.weight": torch.zeros(4, 2)}
+    reg.publish(ID, lora, kind="lora", lora=dataclasses.replace(SPEC, base_version=5))
+    assert reg.gc(keep=1) == [(ID, 3), (ID, 6), (ID, 7)]  # v5 stays: v8 sits on it
+    assert [v.version for v in reg.versions(ID)] == [0, 2, 5, 8]
 
 
 # ---- the promotion gate --------------------------------------------------------------------
@@ -393,10 +427,70 @@ def test_gate_needs_enough_records(target, records):
         PromotionGate(min_records=0)
 
 
+# ---- the promotion flow ---------------------------------------------------------------------
+
+
+def lora_on(model: LlamaForCausalLM, spec: LoraSpec) -> tuple[dict, dict]:
+    """A small trained-looking adapter for ``model`` and the weights it merges into."""
+    wrapped = wrap_lora(copy.deepcopy(model), spec, "CAUSAL_LM")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+    adapter = {k: v.detach().clone() for k, v in adapter_state_dict(wrapped).items()}
+    merged = {k: v.detach().clone() for k, v in wrapped.merge_and_unload().state_dict().items()}
+    return adapter, merged
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft's call
+def test_promoter_gates_full_and_lora_versions_and_a_restart_loads_them(target, records, tmp_path):
+    reg = Registry(DiskStore(tmp_path / "registry"))
+    live_model = noised(target, 0.05, 2)
+    promoter = Promoter(reg, ID, student(live_model), PromotionGate(margin=0.05))
+    assert reg.live_version(ID) == 0
+
+    out = promoter.submit(noised(target, 1.0, 3).state_dict(), "full", {"steps": 1}, records)
+    assert (out.version, out.promoted, out.live_version) == (1, False, 0)
+    assert out.candidate < out.live and out.positions == 32 and out.provenance == {"steps": 1}
+    out = promoter.submit(target.state_dict(), "full", {"steps": 2}, records)
+    assert out.promoted and out.candidate == pytest.approx(1.0, abs=1e-3)
+    assert reg.live_version(ID) == 2 and reg.info(ID, 2).evaluation["live_version"] == 0
+    assert_same(promoter.weights(2), target.state_dict())
+
+    spec = LoraSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj"), base_version=2)
+    adapter, merged = lora_on(target, spec)
+    out = promoter.submit(adapter, "lora", {"steps": 3}, records, lora=spec)
+    assert out.promoted and reg.info(ID, 3).lora_spec == spec
+    for name, t in promoter.weights(3).items():
+        torch.testing.assert_close(t, merged[name], msg=name)
+
+    # a restarted registry process: the LoRA version loads from the store alone
+    again = Promoter(
+        Registry(DiskStore(tmp_path / "registry")), ID, student(noised(target, 0.05, 2)),
+        PromotionGate(),
+    )  # fmt: skip
+    assert again.registry.live_version(ID) == 3
+    for name, t in again.weights(3).items():
+        torch.testing.assert_close(t, merged[name], msg=name)
+    loaded = again.student(3)
+    assert not loaded.module.training and loaded.lora is None
+    with pytest.raises(WeightValidationError, match="NaN"):
+        again.submit({k: v * float("nan") for k, v in merged.items()}, "full", {}, records)
+    assert [v.version for v in again.registry.versions(ID)] == [0, 1, 2, 3]
+
+
 # ---- hygiene ----------------------------------------------------------------------------------
 
 
-REGISTRY_MODULES = [osd.registry, osd.registry.store, osd.registry.weights, osd.registry.gate]
+REGISTRY_MODULES = [
+    osd.registry,
+    osd.registry.store,
+    osd.registry.weights,
+    osd.registry.gate,
+    osd.registry.promotion,
+    osd.registry.versions,
+]
 
 
 @pytest.mark.parametrize("module", REGISTRY_MODULES, ids=lambda m: m.__name__)

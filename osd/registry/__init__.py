@@ -2,11 +2,13 @@
 
 Flow: a trainer **publishes** a candidate (validated: names, shapes, dtypes, finiteness,
 checksum) → the **gate** scores it against the live version on held-out records → it is
-**promoted** (live) or **rejected**; replicas poll the live version and hot-swap it.
+**promoted** (live) or **rejected**; replicas poll the live version and hot-swap it. The
+:class:`Promoter` is that flow, used by ``osd online`` and the registry actor alike.
 
 Modules: :mod:`~osd.registry.weights` (canonical bytes, checksums, checks),
 :mod:`~osd.registry.store` (metadata; memory and disk stores), :mod:`~osd.registry.gate`
-(expected acceptance on held-out records), :mod:`~osd.registry.versions` (the registry).
+(expected acceptance on held-out records), :mod:`~osd.registry.versions` (the registry),
+:mod:`~osd.registry.promotion` (publish → gate → promote, and loading any version).
 """
 
 from osd.registry.gate import (
@@ -16,6 +18,7 @@ from osd.registry.gate import (
     draft_acceptance,
     sparse_target,
 )
+from osd.registry.promotion import Outcome, Promoter
 from osd.registry.store import (
     KINDS,
     STATUSES,
@@ -46,6 +49,8 @@ __all__ = [
     "DrafterMeta",
     "GateDecision",
     "MemoryStore",
+    "Outcome",
+    "Promoter",
     "PromotionGate",
     "Registry",
     "RegistryError",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from osd.distill.lora import LoraSpec
 from osd.registry.weights import TensorSpec
 
 __all__ = [
@@ -92,7 +93,12 @@ def _check_json(name: str, value: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class VersionInfo:
-    """One version of one drafter. JSON-serialisable through :meth:`to_dict`."""
+    """One version of one drafter. JSON-serialisable through :meth:`to_dict`.
+
+    A ``"lora"`` version is loadable from the registry alone: ``lora`` holds its
+    :class:`~osd.distill.lora.LoraSpec` (rank, alpha, dropout, target modules and the
+    ``base_version`` — a ``"full"`` version — the adapter sits on).
+    """
 
     drafter_id: str
     version: int  # 0 = base
@@ -103,6 +109,7 @@ class VersionInfo:
     status: str = "candidate"  # "candidate" | "live" | "rejected" | "retired"
     created: float = field(default_factory=time.time)  # unix time
     parent: int | None = None  # the version it was trained from
+    lora: dict[str, Any] | None = None  # LoraSpec.to_dict() iff kind == "lora"
 
     def __post_init__(self) -> None:
         check_drafter_id(self.drafter_id)
@@ -121,6 +128,24 @@ class VersionInfo:
             raise ValueError(f"created must be finite, got {created}")
         if self.parent is not None and _check_version(self.parent) >= self.version:
             raise ValueError(f"parent v{self.parent} must be older than v{self.version}")
+        if self.kind == "lora":
+            if self.lora is None:
+                raise ValueError(
+                    f"v{self.version} is a LoRA adapter without its LoRA spec (r, alpha, "
+                    "target modules, base version); publish it with lora=LoraSpec(...)"
+                )
+            spec = self.lora_spec
+            if spec.base_version >= self.version:
+                raise ValueError(
+                    f"LoRA base v{spec.base_version} must be older than v{self.version}"
+                )
+            object.__setattr__(self, "lora", spec.to_dict())
+        elif self.lora is not None:
+            raise ValueError(f"v{self.version} is {self.kind} weights; only lora has a LoRA spec")
+
+    @property
+    def lora_spec(self) -> LoraSpec | None:
+        return None if self.lora is None else LoraSpec.from_dict(self.lora)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +153,8 @@ class VersionInfo:
     @classmethod
     def from_dict(cls, doc: Any) -> VersionInfo:
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(doc, dict) and "lora" not in doc:  # indexes written before LoRA specs
+            doc = {**doc, "lora": None}
         if not isinstance(doc, dict) or set(doc) != names:
             got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"a version entry needs exactly the keys {sorted(names)}; got {got}")

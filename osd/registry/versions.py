@@ -60,6 +60,7 @@ from typing import Any
 import torch  # noqa: F401  (the module doctest uses it)
 from torch import Tensor
 
+from osd.distill.lora import LoraSpec
 from osd.distill.record import DistillRecord
 from osd.distill.student import Student
 from osd.registry.gate import (
@@ -196,18 +197,17 @@ class Registry:
         self,
         drafter_id: str,
         state_dict: Mapping[str, Tensor],
-        kind: str = "full",
         provenance: dict[str, Any] | None = None,
-        lora_spec: Mapping[str, Tensor | TensorSpec] | None = None,
+        lora_reference: Mapping[str, Tensor | TensorSpec] | None = None,
     ) -> VersionInfo:
-        """Register version 0 (live) and the reference of its kind.
+        """Register version 0 (live, full weights) and the ``"full"`` reference.
 
-        ``lora_spec`` (a LoRA adapter state dict or specs) fixes the ``"lora"`` reference;
-        without it the first ``"lora"`` version published does. Registering again with
-        identical weights returns the existing base; different weights raise.
+        ``lora_reference`` (a LoRA adapter state dict or specs) fixes the ``"lora"``
+        reference; without it the first ``"lora"`` version published does. Registering
+        again with identical weights returns the existing base; different weights raise.
         """
         check_drafter_id(drafter_id)
-        _check_kind(kind)
+        kind = "full"
         what = f"{drafter_id} v0 ({kind})"
         check_weights(state_dict, None, what)
         data = weights_to_bytes(state_dict)
@@ -225,10 +225,8 @@ class Registry:
                     f"(kind {old.kind}, checksum {old.checksum[:16]}…); use another id"
                 )
             refs = {kind: spec_of(state_dict)}
-            if lora_spec is not None:
-                if kind == "lora":
-                    raise ValueError("lora_spec is for a full base; a lora base is its own spec")
-                refs["lora"] = spec_of(lora_spec)
+            if lora_reference is not None:
+                refs["lora"] = spec_of(lora_reference)
             self.store.put_weights(drafter_id, 0, data)
             self._commit(DrafterMeta(drafter_id, [info], live=0, references=refs))
         logger.info("registered %s v0 (%s, %d tensors)", drafter_id, kind, len(state_dict))
@@ -242,18 +240,31 @@ class Registry:
         checksum: str | None = None,
         kind: str = "full",
         parent: int | None = None,
+        lora: LoraSpec | Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         """Validate ``weights`` against the reference of ``kind`` and store them as the next
         version, a ``"candidate"``. ``checksum`` (sha256 hex) may be of the bytes sent or of
-        their canonical form. Raises :class:`WeightValidationError`; nothing changes then.
+        their canonical form. A ``"lora"`` adapter needs its ``lora`` spec, whose
+        ``base_version`` must be a ``"full"`` version of this drafter. Raises
+        :class:`WeightValidationError` (or ``ValueError`` / :class:`RegistryError` for the
+        spec); nothing changes then.
         """
         _check_kind(kind)
         prov = _check_json("provenance", provenance or {})
+        if isinstance(lora, Mapping):
+            lora = LoraSpec.from_dict(lora)
         with self._lock:
             meta = copy.deepcopy(self._get(drafter_id))
             version = meta.versions[-1].version + 1
             if parent is not None:
                 meta.info(_check_version(parent))
+            if lora is not None:
+                base = meta.info(lora.base_version)
+                if base.kind != "full":
+                    raise RegistryError(
+                        f"{drafter_id}: a LoRA adapter sits on full weights; its base "
+                        f"v{base.version} is {base.kind}"
+                    )
             what = f"{drafter_id} v{version} ({kind})"
             given = None
             if isinstance(weights, bytes | bytearray | memoryview):
@@ -268,7 +279,15 @@ class Registry:
                     "the weights were altered or truncated in transit"
                 )
             meta.references.setdefault(kind, spec_of(weights))
-            info = VersionInfo(drafter_id, version, kind, digest, prov, parent=parent)
+            info = VersionInfo(
+                drafter_id,
+                version,
+                kind,
+                digest,
+                prov,
+                parent=parent,
+                lora=None if lora is None else lora.to_dict(),
+            )
             meta.versions.append(info)
             self.store.put_weights(drafter_id, version, data)
             self._commit(meta)
@@ -384,7 +403,8 @@ class Registry:
 
     def gc(self, keep: int = 3) -> list[tuple[str, int]]:
         """Delete all but the newest ``keep`` versions of every drafter, always keeping the
-        base, the live version and the rollback target. Returns ``(drafter_id, version)``."""
+        base, the live version, the rollback target and the base version of every LoRA
+        version kept. Returns ``(drafter_id, version)``."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         removed: list[tuple[str, int]] = []
@@ -393,6 +413,11 @@ class Registry:
                 meta = copy.deepcopy(self._get(drafter_id))
                 protect = {0, meta.live, *meta.history[-1:]}
                 protect |= {i.version for i in meta.versions[-keep:]}
+                protect |= {
+                    i.lora_spec.base_version
+                    for i in meta.versions
+                    if i.version in protect and i.lora_spec is not None
+                }
                 gone = [i.version for i in meta.versions if i.version not in protect]
                 if not gone:
                     continue
