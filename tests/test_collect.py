@@ -9,6 +9,7 @@ from osd.distill.record import LogConfig, LogMode, decode, encode
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.models import load_model
 from osd.specdec.engine import SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,22 @@ def test_hidden_states_are_logged_from_the_verifier(models):
         np.testing.assert_allclose(
             rec.hidden[i].astype(np.float32), ref[t - 1].numpy(), atol=2e-2, rtol=1e-2
         )
+
+
+def test_records_carry_the_requests_sampling_parameters(models):
+    target, draft = models
+    dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=2))
+    collector = RecordCollector(LogConfig(mode=LogMode.ALL, k=4))
+    dec.add_observer(collector)
+    sampling = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    state = dec.start([5, 9, 17], max_new_tokens=6, sampling=sampling)
+    while not state.finished:
+        dec.step(state)
+    rec = decode(encode(collector.finish(state, "r", "draft", 0)))
+    assert (rec.temperature, rec.top_k, rec.top_p) == (0.7, 5, 0.9)
+
+    greedy = dec.start([5, 9, 17], max_new_tokens=3)
+    while not greedy.finished:
+        dec.step(greedy)
+    rec = decode(encode(collector.finish(greedy, "g", "draft", 0)))
+    assert (rec.temperature, rec.top_k, rec.top_p) == (0.0, 0, 1.0)

@@ -53,6 +53,9 @@ def make_record(
         version=3,
         domain="math",
         meta={"replica": "r0", "temp": 0.7, "step": 12},
+        temperature=0.7,
+        top_k=40,
+        top_p=0.9,
     )
 
 
@@ -65,7 +68,8 @@ def pack(doc: dict) -> bytes:
 
 
 def assert_same(a: DistillRecord, b: DistillRecord) -> None:
-    for name in ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta"):
+    scalars = ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta")
+    for name in (*scalars, "temperature", "top_k", "top_p"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("token_ids", "positions", "topk_ids", "topk_logprobs", "tail_logmass"):
         x, y = getattr(a, name), getattr(b, name)
@@ -86,6 +90,24 @@ def test_round_trip(hidden):
     assert_same(rec, back)
     assert back.topk_ids.flags.writeable  # decoded arrays are copies, usable by torch
     assert back.hidden_size == hidden
+
+
+def test_sampling_parameters_travel_and_v1_records_still_decode():
+    rec = make_record()
+    doc = doc_of(rec)
+    assert doc["v"] == 2 and doc["sampling"] == [0.7, 40, 0.9]
+    plain = replace(rec, temperature=0.0, top_k=0, top_p=1.0)
+    assert len(encode(plain)) == len(encode(rec)) - 16  # greedy: 3 bytes, not 2 doubles
+    greedy = decode(encode(plain))
+    assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, 0, 1.0)
+    assert isinstance(greedy.temperature, float) and isinstance(greedy.top_p, float)
+    v1 = {k: v for k, v in doc.items() if k != "sampling"}
+    old = decode(pack({**v1, "v": 1}), vocab_size=V)  # written before v2: T = 1, no warps
+    assert (old.temperature, old.top_k, old.top_p) == (1.0, 0, 1.0)
+    assert np.array_equal(old.topk_ids, rec.topk_ids)
+    with pytest.raises(RecordError, match="temperature must be"):
+        build_record("r", [1, 2], 1, [1], torch.zeros(1, 4), drafter_id="d", version=0,
+                     temperature=-1.0)  # fmt: skip
 
 
 def test_ids_travel_as_uint16_when_they_fit_else_int32():
@@ -133,6 +155,13 @@ def corrupt(**changes) -> bytes:
     return pack(doc)
 
 
+def corrupt_without(*names: str) -> bytes:
+    doc = doc_of(make_record())
+    for name in names:
+        del doc[name]
+    return pack(doc)
+
+
 def shape_mismatch() -> bytes:
     doc = doc_of(make_record(m=5))
     ids = np.frombuffer(doc["topk_ids"]["data"], "<u2").reshape(5, 8)[:4]
@@ -163,7 +192,20 @@ BAD = {
     "trailing": (lambda: GOOD + b"\x00", "not a valid msgpack record"),
     "random": (lambda: np.random.default_rng(0).bytes(300), "record"),
     "not a map": (lambda: pack([1, 2, 3]), "must be a msgpack map"),
-    "wrong version": (lambda: corrupt(v=2), "version 2 is not supported"),
+    "wrong version": (lambda: corrupt(v=3), "version 3 is not supported"),
+    "v1 with sampling": (lambda: corrupt(v=1), "do not match v1: missing [], unexpected"),
+    "no sampling": (lambda: corrupt_without("sampling"), "missing ['sampling']"),
+    "sampling not a list": (lambda: corrupt(sampling=0.7), "sampling must be [temperature"),
+    "short sampling": (lambda: corrupt(sampling=[0.7, 40]), "sampling must be [temperature"),
+    "negative temperature": (lambda: corrupt(sampling=[-0.5, 0, 1]), "temperature must be a"),
+    "nan temperature": (lambda: corrupt(sampling=[float("nan"), 0, 1]), "temperature must be"),
+    "huge temperature": (lambda: corrupt(sampling=[1e9, 0, 1]), "temperature must be"),
+    "text temperature": (lambda: corrupt(sampling=["hot", 0, 1]), "temperature must be"),
+    "bool temperature": (lambda: corrupt(sampling=[True, 0, 1]), "temperature must be"),
+    "negative top_k": (lambda: corrupt(sampling=[0.7, -1, 1]), "top_k = -1"),
+    "float top_k": (lambda: corrupt(sampling=[0.7, 2.5, 1]), "top_k must be an int"),
+    "zero top_p": (lambda: corrupt(sampling=[0.7, 0, 0.0]), "top_p must be a number in"),
+    "top_p > 1": (lambda: corrupt(sampling=[0.7, 0, 1.5]), "top_p must be a number in"),
     "no version": (lambda: pack({"request_id": "x"}), "version None"),
     "extra field": (lambda: corrupt(evil="x"), "unexpected ['evil']"),
     "wrong type": (lambda: corrupt(version="3"), "version must be an int"),

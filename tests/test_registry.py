@@ -21,8 +21,9 @@ import osd.registry.store
 import osd.registry.versions
 import osd.registry.weights
 from osd.distill.lora import LoraSpec, adapter_state_dict, wrap_lora
+from osd.distill.losses import expected_acceptance
 from osd.distill.record import DistillRecord, build_record
-from osd.distill.student import CausalLMStudent
+from osd.distill.student import CausalLMStudent, sparse_target
 from osd.registry import (
     DiskStore,
     MemoryStore,
@@ -392,6 +393,25 @@ def test_draft_acceptance_of_the_target_itself_is_one(target, records):
     assert draft_acceptance(student(noised(target, 1.0, 3)), records).mean < 0.3
     chunked = draft_acceptance(student(target), records, chunk=3)  # a batch of 3, then 1
     assert chunked.positions == 32 and chunked.mean == pytest.approx(est.mean, abs=1e-5)
+
+
+def test_gate_scores_each_record_at_its_temperature(target, records):
+    """Sampled traffic at its own T; greedy (T = 0) at T = 1, like the trainer's loss."""
+    draft = student(noised(target, 0.5, 7))
+    hot = [dataclasses.replace(r, temperature=0.5) for r in records]
+    greedy = [dataclasses.replace(r, temperature=0.0) for r in records]
+    with torch.no_grad():
+        logits = draft.predict(hot)
+    want = torch.cat(
+        [
+            expected_acceptance(lg, sparse_target(r, V), 0.5)
+            for lg, r in zip(logits, hot, strict=True)
+        ]
+    )
+    assert draft_acceptance(draft, hot).mean == pytest.approx(float(want.mean()), abs=1e-5)
+    at_one = draft_acceptance(draft, records)  # the records' own T: 1
+    assert draft_acceptance(draft, greedy).mean == pytest.approx(at_one.mean, abs=1e-7)
+    assert abs(draft_acceptance(draft, hot).mean - at_one.mean) > 1e-3
 
 
 def test_gate_rejects_a_worse_candidate_and_promotes_a_better_one(target, records):

@@ -8,6 +8,7 @@ token sequences, as a serving replica would; a different, smaller random "draft"
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from osd.buffer import MemoryBuffer
 from osd.distill.lora import merge_adapter
 from osd.distill.losses import LOSS_NAMES, SparseTarget, distill_loss, expected_acceptance
 from osd.distill.record import DistillRecord, build_record, dense_target, encode
-from osd.distill.student import CausalLMStudent, KDObjective, Objective
+from osd.distill.student import CausalLMStudent, KDObjective, Objective, sparse_target
 from osd.distill.trainer import DistillConfig, OnlineDistiller
 
 V = 64  # vocabulary
@@ -416,7 +417,6 @@ def test_records_without_usable_positions_are_acked_without_a_step(records):
     [
         ({"loss": "kl"}, "loss must be one of"),
         ({"beta": 1.0}, "beta"),
-        ({"temperature": 0}, "temperature"),
         ({"lr": -1e-3}, "lr must be"),
         ({"batch_records": 0}, "batch_records"),
         ({"max_len": 1}, "max_len"),
@@ -464,6 +464,23 @@ def test_causal_lm_student_predicts_rows_t_minus_1_in_a_ragged_batch(records):
     torch.testing.assert_close(got[1], ref_long, rtol=1e-4, atol=1e-5)
     assert [x.shape[0] for x in capped] == [1, 0]  # position 3 needs row 2; PROMPT is 4
     assert st.predictable(records[0], 8) == 5 and st.context == 64
+
+
+@pytest.mark.parametrize("loss", ["fkl", "jsd"])
+def test_the_objective_distils_each_record_at_its_temperature(records, loss):
+    """T > 0 at the request's T; greedy (T = 0) at T = 1 (see distill_temperature)."""
+    hot, greedy = replace(records[0], temperature=0.5), replace(records[1], temperature=0.0)
+    model = make_draft()
+    with torch.no_grad():
+        logits = student(model).predict([hot, greedy])
+        got = KDObjective(loss).loss(logits, [hot, greedy])  # [24]
+    want = [
+        distill_loss(loss, logits[i], sparse_target(r, V), temperature=t, reduction="none")
+        for i, (r, t) in enumerate([(hot, 0.5), (greedy, 1.0)])
+    ]
+    torch.testing.assert_close(got, torch.cat(want))
+    at_one = distill_loss(loss, logits[0], sparse_target(hot, V), reduction="none")
+    assert not torch.allclose(got[:12], at_one)  # the temperature is honoured, not T = 1
 
 
 class Adversarial(KDObjective):

@@ -67,7 +67,10 @@ class RecordCollector:
         version: int,
         domain: str | None = None,
     ) -> DistillRecord | None:
-        """The request's record, or ``None`` when it logged nothing or is not sampled."""
+        """The request's record, or ``None`` when it logged nothing or is not sampled.
+
+        The record carries the request's sampling parameters (``state.sampling``): the
+        trainer and the gate honour its temperature."""
         positions, logits, hidden = self._rows.pop(id(state), ([], [], []))
         if not positions or not should_log(request_id, self.config.rate, self.config.seed):
             return None
@@ -82,4 +85,7 @@ class RecordCollector:
             drafter_id=drafter_id,
             version=version,
             domain=domain,
+            temperature=state.sampling.temperature,
+            top_k=state.sampling.top_k,
+            top_p=state.sampling.top_p,
         )

@@ -42,7 +42,6 @@ class DistillConfig:
 
     loss: str = "fkl"  # one of LOSS_NAMES: fkl, rkl, jsd, tvd, ce
     beta: float = 0.5  # jsd only: β·KL(q||μ) + (1 − β)·KL(p||μ)
-    temperature: float = 1.0  # train at the serving temperature
     lr: float | None = None  # None: 1e-4 for full fine-tune, 1e-3 for LoRA
     weight_decay: float = 0.0
     batch_records: int = 8  # records per optimiser step
@@ -65,7 +64,6 @@ class DistillConfig:
 
         need(self.loss in LOSS_NAMES, "loss", f"one of {LOSS_NAMES}")
         need(_positive(self.beta) and self.beta < 1, "beta", "in (0, 1) (the jsd mixture weight)")
-        need(_positive(self.temperature), "temperature", "finite and > 0")
         need(self.lr is None or _positive(self.lr), "lr", "finite and > 0 (None: the default)")
         need(_nonneg(self.weight_decay), "weight_decay", "finite and >= 0")
         need(_pos_int(self.batch_records), "batch_records", "an int >= 1")

@@ -10,6 +10,10 @@ Terms:
   log-probs at temperature 1, sorted descending (``k`` = 16 by default).
 - **tail log-mass**: ``log(1 - Σ exp(topk_logprobs))``, the log of the probability mass
   outside the top-k, clamped at :data:`LOG_FLOOR` when it is ~0 (``k`` = vocabulary).
+- **sampling**: the request's ``temperature`` (``0`` = greedy), ``top_k`` (``0`` = off) and
+  ``top_p`` (``1`` = off), as in :class:`osd.specdec.sampling.SamplingParams`. The logged
+  distribution is always the T = 1 one; the trainer and the gate re-temper it to the
+  request's temperature (``osd.distill.student.distill_temperature``).
 
 Worked example (``V = 5``, ``k = 2``), one request with prompt ``[2, 3]`` and output
 ``[4, 1]``, logging every output position::
@@ -20,7 +24,10 @@ Worked example (``V = 5``, ``k = 2``), one request with prompt ``[2, 3]`` and ou
         tail_logmass = log(1 - 0.70) = log 0.30 = -1.204
 
 The wire format is msgpack (never pickle: the buffer is a network service and its
-contents are untrusted input) with a format version ``"v": 1``. Arrays are maps
+contents are untrusted input) with a format version ``"v": 2`` (v1, written before records
+carried sampling parameters, still decodes, as ``temperature = 1``). The sampling
+parameters travel as ``"sampling": [temperature, top_k, top_p]``, integral values as
+msgpack ints (3 bytes for greedy traffic). Arrays are maps
 ``{"dtype": str, "shape": [...], "data": bytes}``, little-endian, from an allow-list of
 dtypes. Integer arrays (token ids, positions, top-k ids) travel as ``uint16`` when every
 value fits (vocabularies up to 65,536 tokens) and as ``int32`` otherwise; in memory they are
@@ -49,6 +56,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LOG_FLOOR",
     "MAX_ARRAY_BYTES",
+    "MAX_TEMPERATURE",
     "DistillRecord",
     "LogConfig",
     "LogMode",
@@ -63,7 +71,9 @@ __all__ = [
     "validate",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # v1: no sampling fields (decoded as temperature 1, top-k/top-p off)
+MAX_TEMPERATURE = 100.0  # far beyond any useful sampling temperature: a guard, not a policy
 DEFAULT_K = 16
 LOG_FLOOR = -30.0  # log-probs and the tail log-mass are clamped here (e^-30 ≈ 1e-13)
 MAX_ARRAY_BYTES = 64 * 2**20  # all arrays of one record together
@@ -99,7 +109,9 @@ _ARRAYS: dict[str, _ArraySpec] = {
     "hidden": _ArraySpec(("float16",), np.dtype(np.float16), 2),
 }
 _SCALARS = ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta")
-_KEYS = frozenset(("v", *_SCALARS, *_ARRAYS))
+# v2 adds "sampling": [temperature, top_k, top_p], integral numbers as msgpack ints (1 B)
+_KEYS = {1: frozenset(("v", *_SCALARS, *_ARRAYS))}
+_KEYS[2] = _KEYS[1] | {"sampling"}
 
 
 class RecordError(ValueError):
@@ -153,6 +165,9 @@ class DistillRecord:
     topk_logprobs: np.ndarray  # [m, k] float16, sorted descending, <= 0
     tail_logmass: np.ndarray  # [m] float32, log(1 - Σ exp(topk_logprobs)), >= LOG_FLOOR
     hidden: np.ndarray | None = None  # [m, H] float16, target last hidden state at t - 1
+    temperature: float = 1.0  # the request's sampling temperature; 0 = greedy
+    top_k: int = 0  # the request's top-k; 0 = off
+    top_p: float = 1.0  # the request's nucleus mass; 1 = off
     created: float = field(default_factory=time.time)  # unix time
     meta: dict[str, str | int | float] = field(default_factory=dict)
 
@@ -211,6 +226,20 @@ def _check_meta(meta: Any) -> None:
             _fail(f"meta[{key!r}] = {value} does not fit in 64 bits")
 
 
+def _check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        _fail(
+            f"temperature must be a finite number in [0, {MAX_TEMPERATURE}] (0 = greedy), "
+            f"got {temperature!r:.40}"
+        )
+    _check_int("top_k", top_k, 0, 2**31 - 1)
+    if not number(top_p) or not 0 < top_p <= 1:
+        _fail(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r:.40}")
+
+
 def _check_array(name: str, arr: Any) -> None:
     spec = _ARRAYS[name]
     if not isinstance(arr, np.ndarray):
@@ -237,6 +266,7 @@ def validate(record: DistillRecord, vocab_size: int | None = None) -> None:
     if not math.isfinite(record.created) or record.created < 0:
         _fail(f"created must be a finite unix time >= 0, got {record.created!r}")
     _check_meta(record.meta)
+    _check_sampling(record.temperature, record.top_k, record.top_p)
     for name in _ARRAYS:
         arr = getattr(record, name)
         if arr is not None or name != "hidden":
@@ -326,6 +356,12 @@ def _pack_array(name: str, arr: np.ndarray) -> dict[str, Any]:
     return {"dtype": wire_name, "shape": list(arr.shape), "data": data}
 
 
+def _compact(x: float) -> int | float:
+    """``x`` as a msgpack int when integral (``0`` for greedy, ``1`` for top-p off: 1 byte
+    instead of a 9-byte double)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
 def _unpack_array(name: str, obj: Any, budget: int) -> np.ndarray:
     spec = _ARRAYS[name]
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
@@ -351,12 +387,13 @@ def _unpack_array(name: str, obj: Any, budget: int) -> np.ndarray:
 
 
 def encode(record: DistillRecord) -> bytes:
-    """Validate ``record`` and serialise it to msgpack bytes (format v1)."""
+    """Validate ``record`` and serialise it to msgpack bytes (format v2)."""
     validate(record)
     doc: dict[str, Any] = {"v": FORMAT_VERSION}
     for name in _SCALARS:
         doc[name] = getattr(record, name)
     doc["created"] = float(record.created)
+    doc["sampling"] = [_compact(record.temperature), record.top_k, _compact(record.top_p)]
     doc["meta"] = dict(record.meta)
     for name in _ARRAYS:
         arr = getattr(record, name)
@@ -373,10 +410,10 @@ def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
     >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
     >>> decode(encode(rec), vocab_size=5).topk_ids.tolist()
     [[4, 3]]
-    >>> decode(b"\\x81\\xa1v\\x02")
+    >>> decode(b"\\x81\\xa1v\\x03")
     Traceback (most recent call last):
     ...
-    osd.distill.record.RecordError: record format version 2 is not supported (this reader reads v1)
+    osd.distill.record.RecordError: record format version 3 is not supported (this reader reads v1, v2)
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         _fail(f"a record must be bytes, got {type(data).__name__}")
@@ -399,11 +436,15 @@ def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
     if not isinstance(doc, dict):
         _fail(f"a record must be a msgpack map, got {type(doc).__name__}")
     version = doc.get("v")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        _fail(f"record format version {version!r:.40} is not supported (this reader reads v1)")
-    if set(doc) != _KEYS:
-        missing, extra = sorted(_KEYS - set(doc)), sorted(map(str, set(doc) - _KEYS))
-        _fail(f"record fields do not match v1: missing {missing}, unexpected {extra}")
+    if version not in READ_VERSIONS or isinstance(version, bool):
+        readable = ", ".join(f"v{v}" for v in READ_VERSIONS)
+        _fail(
+            f"record format version {version!r:.40} is not supported (this reader reads {readable})"
+        )
+    keys = _KEYS[version]
+    if set(doc) != keys:
+        missing, extra = sorted(keys - set(doc)), sorted(map(str, set(doc) - keys))
+        _fail(f"record fields do not match v{version}: missing {missing}, unexpected {extra}")
     budget = MAX_ARRAY_BYTES
     arrays: dict[str, np.ndarray | None] = {}
     for name in _ARRAYS:
@@ -413,7 +454,15 @@ def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
         arrays[name] = arr = _unpack_array(name, doc[name], budget)
         budget -= arr.nbytes
     created = doc["created"]
+    sampling = {}  # v1: the defaults (temperature 1, top-k and top-p off)
+    if version >= 2:
+        triple = doc["sampling"]
+        if not isinstance(triple, list) or len(triple) != 3:
+            _fail(f"sampling must be [temperature, top_k, top_p], got {triple!r:.80}")
+        _check_sampling(*triple)
+        sampling = {"temperature": float(triple[0]), "top_k": triple[1], "top_p": float(triple[2])}
     record = DistillRecord(
+        **sampling,
         request_id=doc["request_id"],
         domain=doc["domain"],
         drafter_id=doc["drafter_id"],
@@ -467,6 +516,9 @@ def build_record(
     domain: str | None = None,
     created: float | None = None,
     meta: dict[str, str | int | float] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> DistillRecord:
     """Build a record from the verifier's logits at the logged positions.
 
@@ -474,6 +526,8 @@ def build_record(
     ``token_ids[positions[i]]`` (the verifier output at index ``positions[i] - 1``).
     ``hidden`` ``[m, H]``: the target's last hidden state at that same index. ``k`` is
     capped at ``V``; then the record is exact and the tail is :data:`LOG_FLOOR`.
+    ``temperature`` / ``top_k`` / ``top_p``: the request's sampling parameters (the logits
+    are logged at T = 1 whatever they are).
 
     >>> logits = torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]]))
     >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
@@ -518,6 +572,9 @@ def build_record(
         hidden=hid,
         created=time.time() if created is None else created,
         meta=dict(meta or {}),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
     )
     validate(record, vocab_size=logits.shape[1])
     return record

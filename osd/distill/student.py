@@ -16,6 +16,10 @@ contract and never assumes a causal LM:
   the :class:`Objective`, adds its term in :meth:`Objective.loss` and trains its network in
   :meth:`Objective.after_step`; the trainer loop does not change.
 
+Temperature: each record carries its request's sampling temperature, and the default
+objective and the gate compare the draft and the target at **that** temperature
+(:func:`distill_temperature`), not always at T = 1.
+
 Terms: a **logged position** ``t`` is the target's distribution over ``token_ids[t]`` given
 ``token_ids[:t]``; a causal LM predicts it from **row** ``t − 1`` of one forward over
 ``token_ids[:t]``. A student with **context** ``c`` (inputs of at most ``c`` tokens) can
@@ -57,11 +61,42 @@ __all__ = [
     "Objective",
     "Snapshot",
     "Student",
+    "distill_temperature",
     "predictable",
     "sparse_target",
 ]
 
 ExportKind = Literal["full", "lora"]
+
+
+def distill_temperature(record: DistillRecord) -> float:
+    """The temperature at which ``record``'s positions are distilled and gated: the
+    request's sampling temperature, and **T = 1 for greedy traffic (T = 0)**.
+
+    Why T = 1 for greedy: greedy verification accepts a draft token iff it is the target's
+    argmax, and a greedy draft proposes its own argmax. The T → 0 limit of the distributions
+    is a point mass whose KD loss is the hard-label ``ce`` loss (available as ``loss="ce"``),
+    which gives the draft no signal on how close the runner-up is. Matching the T = 1
+    distributions makes the argmaxes agree as a by-product of matching the whole
+    distribution (what the OSD paper does for greedy serving), and the gate's
+    ``Σ min(p, q)`` at T = 1 is a smooth proxy for greedy acceptance, ranking versions the
+    same way without being its exact value. Sampled traffic (T > 0) is distilled at its own
+    T, as speculative sampling accepts with ``min(1, q_T / p_T)``; top-k / top-p are
+    carried in the record but not applied (the logged top-k support is already where the
+    mass that top-p keeps lies).
+
+    >>> import numpy as np
+    >>> rec = DistillRecord(request_id="r", drafter_id="d", version=0, prompt_len=1,
+    ...     token_ids=np.array([5, 9], np.int32), positions=np.array([1], np.int32),
+    ...     topk_ids=np.zeros((1, 1), np.int32), topk_logprobs=np.zeros((1, 1), np.float16),
+    ...     tail_logmass=np.full(1, -30, np.float32), temperature=0.0)
+    >>> distill_temperature(rec)  # greedy
+    1.0
+    >>> rec.temperature = 0.7
+    >>> distill_temperature(rec)
+    0.7
+    """
+    return float(record.temperature) if record.temperature > 0 else 1.0
 
 
 def predictable(record: DistillRecord, context: int | None) -> int:
@@ -128,12 +163,12 @@ class Objective:
 
 class KDObjective(Objective):
     """Knowledge distillation on the sparse top-k target: :func:`~osd.distill.losses.distill_loss`
-    ``name`` (``fkl``, ``rkl``, ``jsd``, ``tvd``, ``ce``) at every predicted position."""
+    ``name`` (``fkl``, ``rkl``, ``jsd``, ``tvd``, ``ce``) at every predicted position, at
+    each record's :func:`distill_temperature`."""
 
-    def __init__(self, name: str = "fkl", beta: float = 0.5, temperature: float = 1.0) -> None:
+    def __init__(self, name: str = "fkl", beta: float = 0.5) -> None:
         self.name = name
         self.beta = beta
-        self.temperature = temperature
 
     def loss(self, logits: Sequence[Tensor], records: Sequence[DistillRecord]) -> Tensor:
         out = []
@@ -145,7 +180,7 @@ class KDObjective(Objective):
                 self.name,
                 lg,
                 target,
-                temperature=self.temperature,
+                temperature=distill_temperature(rec),
                 beta=self.beta,
                 reduction="none",
             )
@@ -183,7 +218,7 @@ class Student:
 
     def objective(self, config: DistillConfig) -> Objective:
         """The trainer's objective for this student (default: KD on the sparse target)."""
-        return KDObjective(config.loss, config.beta, config.temperature)
+        return KDObjective(config.loss, config.beta)
 
     def limit(self, max_len: int | None = None) -> int | None:
         """The input length cap: the student's context, or ``max_len`` when shorter."""

@@ -21,7 +21,7 @@ import torch
 
 from osd.distill.losses import expected_acceptance
 from osd.distill.record import DistillRecord, validate
-from osd.distill.student import Student, sparse_target
+from osd.distill.student import Student, distill_temperature, sparse_target
 
 __all__ = [
     "AcceptanceEstimate",
@@ -43,13 +43,12 @@ class AcceptanceEstimate:
 
 @torch.no_grad()
 def draft_acceptance(
-    student: Student,
-    records: list[DistillRecord],
-    temperature: float = 1.0,
-    chunk: int = 8,
+    student: Student, records: list[DistillRecord], chunk: int = 8
 ) -> AcceptanceEstimate:
     """Average ``Σ min(p, q)`` over the positions ``student`` predicts in ``records``,
-    ``chunk`` records per :meth:`~osd.distill.student.Student.predict` call.
+    ``chunk`` records per :meth:`~osd.distill.student.Student.predict` call, each record
+    at its request's temperature (:func:`~osd.distill.student.distill_temperature`:
+    greedy traffic at T = 1).
 
     A record with tokens ``[5, 9, 2, 7]``, prompt 2, positions ``[2, 3]`` is scored with a
     causal-LM student's logits rows 1 and 2 of ``model([[5, 9, 2]])`` (they predict tokens
@@ -69,6 +68,7 @@ def draft_acceptance(
                 if n == 0:
                     continue
                 target = sparse_target(record, student.vocab_size, n)
+                temperature = distill_temperature(record)
                 acc = expected_acceptance(logits.float().cpu(), target, temperature)  # [n]
                 total += float(acc.double().sum())
                 positions += n
@@ -123,11 +123,10 @@ class PromotionGate:
         candidate: Student,
         live: Student,
         records: list[DistillRecord],
-        temperature: float = 1.0,
     ) -> GateDecision:
         """Score the candidate's and the live version's students on the same records."""
-        cand = draft_acceptance(candidate, records, temperature)
-        now = draft_acceptance(live, records, temperature)
+        cand = draft_acceptance(candidate, records)
+        now = draft_acceptance(live, records)
         if cand.records < self.min_records:
             ok = False
             reason = (

@@ -372,7 +372,6 @@ class Registry:
         candidate: Student,
         live: Student,
         records: list[DistillRecord],
-        temperature: float = 1.0,
     ) -> GateDecision:
         """Evaluate candidate ``version`` (loaded in the ``candidate`` student) against the
         live version (in ``live``) on ``records``; record the numbers and promote or reject.
@@ -382,12 +381,11 @@ class Registry:
             if info.status != "candidate":
                 raise RegistryError(f"{drafter_id} v{version} is {info.status}, not a candidate")
             live_before = self._get(drafter_id).live
-        decision = gate.evaluate(candidate, live, records, temperature)  # unlocked
+        decision = gate.evaluate(candidate, live, records)  # unlocked
         evaluation = {
             **decision.evaluation(),
             "live_version": live_before,
             "margin": gate.margin,
-            "temperature": temperature,
         }
         with self._lock:
             if self._get(drafter_id).live != live_before:
