@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from osd.specdec.kvcache import compact, keep_slots
+from osd.specdec.kvcache import KVCache, moves
 from osd.specdec.tree import (
     TokenTree,
     ancestor_matrix,
@@ -53,35 +52,53 @@ def test_ancestor_matrix_of_a_chain_is_lower_triangular():
     assert torch.equal(anc, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
 
 
-def test_keep_slots_worked_example():
-    assert keep_slots(prefix_len=3, path=[1, 3]).tolist() == [0, 1, 2, 3, 5, 7]
-    assert keep_slots(prefix_len=2, path=[]).tolist() == [0, 1, 2]
+def test_moves_worked_example():
+    assert moves(4, [1, 3]) == ([5, 7], [4, 5])
+    assert moves(4, [0, 1, 2]) == ([], [])  # a chain's accepted nodes are in place
+    assert moves(4, []) == ([], [])
 
 
-def _cache_with_slots(n: int, layers: int = 2) -> DynamicCache:
-    cache = DynamicCache()
-    for layer in range(layers):
-        # [batch 1, heads 2, slots n, head_dim 3]; slot s holds the value s (+100·layer)
-        kv = (
-            torch.arange(n, dtype=torch.float)[None, None, :, None].expand(1, 2, n, 3) + 100 * layer
-        )
-        cache.update(kv.clone(), -kv.clone(), layer)
+def _cache(slots: int = 2, n: int = 8, layers: int = 2) -> KVCache:
+    cache = KVCache(layers, 2, 3, max_length=64, dtype=torch.float32, slots=slots, length=n)
+    for layer in range(layers):  # (plain tensors: the cache's own are inference tensors)
+        # position p of slot s holds p + 100·layer + 1000·s
+        pos = torch.arange(n, dtype=torch.float)[None, None, :, None]
+        val = pos + 100 * layer + 1000 * torch.arange(slots, dtype=torch.float)[:, None, None, None]
+        cache.k[layer] = val.expand(slots, 2, n, 3).clone()
+        cache.v[layer] = -cache.k[layer]
     return cache
 
 
-def test_compaction_gathers_kept_slots_in_order():
-    cache = _cache_with_slots(8)
-    compact(cache, keep_slots(prefix_len=3, path=[1, 3]))
-    assert cache.get_seq_length() == 6
-    for i, layer in enumerate(cache.layers):
-        assert layer.keys[0, 0, :, 0].tolist() == [x + 100 * i for x in (0, 1, 2, 3, 5, 7)]
-        assert layer.values[0, 1, :, 2].tolist() == [-(x + 100 * i) for x in (0, 1, 2, 3, 5, 7)]
+def test_commit_moves_only_the_accepted_nodes():
+    cache = _cache()
+    src, dst = moves(4, [1, 3])  # prefix 3, root at 3, nodes at 4..7
+    cache.move(torch.tensor([1, 1]), torch.tensor(src), torch.tensor(dst))
+    for i in range(2):
+        assert cache.k[i][1, 0, :6, 0].tolist() == [1000 + x + 100 * i for x in (0, 1, 2, 3, 5, 7)]
+        assert cache.v[i][1, 1, :6, 2].tolist() == [
+            -(1000 + x + 100 * i) for x in (0, 1, 2, 3, 5, 7)
+        ]
+        assert cache.k[i][0, 0, :, 0].tolist() == [x + 100 * i for x in range(8)]  # other slot
 
 
-def test_chain_commit_is_a_crop():
-    cache = _cache_with_slots(8)
-    compact(cache, keep_slots(prefix_len=3, path=[0, 1]))  # chain: first two nodes
-    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+def test_slots_stay_dense_when_one_is_freed():
+    cache = KVCache(1, 1, 1, max_length=16, dtype=torch.float32, slots=1, length=4)
+    owners = [object() for _ in range(3)]
+    slots = [cache.alloc(o) for o in owners]  # grows past 1 slot
+    assert slots == [0, 1, 2] and cache.slots >= 3
+    with torch.inference_mode():
+        cache.k[0][2] = 7.0
+    assert cache.free(0) is owners[2]  # the last slot moved into the hole
+    assert cache.used == 2 and cache.owners == [owners[2], owners[1]]
+    assert bool((cache.k[0][0] == 7.0).all())
+    assert cache.free(1) is None
+
+
+def test_cache_refuses_past_the_context():
+    cache = KVCache(1, 1, 1, max_length=16, dtype=torch.float32)
+    cache.reserve(16)
+    with pytest.raises(ValueError, match="context allows 16"):
+        cache.reserve(17)
 
 
 def test_bad_trees_are_refused():

@@ -1,14 +1,18 @@
 """The drafter interface and the records passed between the engine's stages.
 
 A drafter is small (compare Hugging Face's ``CandidateGenerator``): ``start`` a sequence,
-``propose`` a :class:`~osd.specdec.tree.TokenTree`, ``observe`` what was accepted; plus the
-weight surface the registry swaps (``state_dict`` / ``load_state_dict`` / ``version``).
+``propose`` a :class:`~osd.specdec.tree.TokenTree`, ``observe`` what was accepted,
+``release`` it; plus the weight surface the registry swaps (``state_dict`` /
+``load_state_dict`` / ``version``). The engine calls the batch forms ``propose_batch`` /
+``observe_batch``, which loop over the one-sequence forms unless a drafter batches them
+itself (the draft model drafts all sequences in one forward per depth).
 Per-sequence drafter state lives in ``DecodeState.draft`` so that batched decoding can hold
 many sequences at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +32,7 @@ class DecodeState:
     max_new_tokens: int
     sampling: SamplingParams
     generator: torch.Generator | None = None
-    target_cache: Any = None  # KV of tokens[:-1]
+    slot: int = -1  # the engine's KV-cache slot (holds tokens[:-1]); -1 once released
     draft: Any = None  # the drafter's per-sequence state
     target_hidden: torch.Tensor | None = None  # [L, H] target last hidden states, newest last
     finished: bool = False
@@ -82,6 +86,20 @@ class Drafter:
 
     def observe(self, state: DecodeState, result: StepResult) -> None:
         """Acceptance feedback after commit (``state.tokens`` already extended)."""
+
+    def release(self, state: DecodeState) -> None:
+        """The sequence is gone: free what ``start`` set up."""
+
+    def propose_batch(self, states: Sequence[DecodeState], depths: list[int]) -> list[TokenTree]:
+        """One tree per state, no deeper than its ``depths[i]``."""
+        return [
+            self.propose(s, d) if d > 0 else TokenTree.empty()
+            for s, d in zip(states, depths, strict=True)
+        ]
+
+    def observe_batch(self, states: Sequence[DecodeState], results: Sequence[StepResult]) -> None:
+        for s, r in zip(states, results, strict=True):
+            self.observe(s, r)
 
     # weight surface swapped by the registry
     def state_dict(self) -> dict[str, torch.Tensor]:

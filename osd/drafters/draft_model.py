@@ -10,30 +10,35 @@ children are drawn from the draft's warped distribution ``p`` — iid (with repl
 one after another without replacement — and ``p`` is handed to acceptance, which keeps the
 output distributed exactly as the target's.
 
-The draft's KV cache holds the committed tokens plus the fed tree levels; after acceptance
-it keeps the committed prefix and the accepted nodes it already holds (compaction), and
-the next ``propose`` feeds whatever committed tokens it lacks.
+Batched: :meth:`DraftModelDrafter.propose_batch` drafts for all sequences at once — one
+draft forward to catch up (each sequence feeds the committed tokens its cache lacks:
+ragged), then one forward per tree level. The draft has its own slot-per-sequence
+position-indexed cache (:mod:`osd.specdec.kvcache`) and the same lean forward as the
+target (:mod:`osd.specdec.lean`). The cache holds the committed tokens plus the fed tree
+levels; after acceptance the accepted nodes it holds move next to the root (a chain's are
+already there) and the rest is past the length, i.e. gone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
-from osd.specdec.kvcache import cache_len, compact
+from osd.specdec.kvcache import moves
+from osd.specdec.lean import LeanLM, causal_mask
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.specdec.tree import TokenTree, ancestor_matrix
-from osd.specdec.verify import cached_forward
 
 
 @dataclass
 class _DraftSeq:
-    cache: DynamicCache
-    committed: int = 0  # committed tokens in the cache when the last tree was drafted
-    fed_nodes: int = 0  # tree nodes fed into the cache after them
+    slot: int = -1
+    cached: int = 0  # tokens of state.tokens whose K/V the draft cache holds
+    committed: int = 0  # len(state.tokens) when the last tree was drafted (root included)
+    fed: int = 0  # tree nodes of that tree fed into the cache after them
 
 
 def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -47,6 +52,29 @@ def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if not spec or any(not isinstance(c, int) or c <= 0 for c in spec):
         raise ValueError(f"tree {spec!r} needs ≥ 1 level, each with ≥ 1 child, e.g. (4, 2, 2)")
     return spec
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The full k-config tree: node parents (parents first, level by level), level bounds,
+    and which fed node is an ancestor-or-self of which."""
+
+    parents: list[int]
+    levels: list[tuple[int, int]]  # [lo, hi) node range of each level
+    anc: torch.Tensor  # [n, n] bool
+
+    @classmethod
+    def of(cls, branching: tuple[int, ...]) -> _Shape:
+        parents: list[int] = []
+        levels = []
+        frontier = [-1]
+        for c in branching:
+            lo = len(parents)
+            for node in frontier:
+                parents.extend([node] * c)
+            levels.append((lo, len(parents)))
+            frontier = list(range(lo, len(parents)))
+        return cls(parents, levels, ancestor_matrix(torch.tensor(parents)))
 
 
 class DraftModelDrafter(Drafter):
@@ -65,17 +93,39 @@ class DraftModelDrafter(Drafter):
                 raise ValueError(f"k (draft length) must be a positive int, got {k!r}")
             tree = (1,) * k
         self.branching = parse_tree(tree)
+        self.shape = _Shape.of(self.branching)
         self.model = model.eval()
+        self.lm = LeanLM(model)
         self.without_replacement = without_replacement
-        self.context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.context = self.lm.context
+        self.cache = self.lm.new_cache(extra=len(self.shape.parents) + 1)
 
     @property
     def k(self) -> int:
         return len(self.branching)
 
+    # -- per sequence ------------------------------------------------------------------
     def start(self, state: DecodeState) -> None:
-        state.draft = _DraftSeq(cache=DynamicCache())
+        ds = _DraftSeq()
+        ds.slot = self.cache.alloc(ds)
+        state.draft = ds
 
+    def release(self, state: DecodeState) -> None:
+        ds: _DraftSeq | None = state.draft
+        if ds is None or ds.slot < 0:
+            return
+        moved = self.cache.free(ds.slot)
+        if moved is not None:
+            moved.slot = ds.slot
+        ds.slot = -1
+
+    def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
+        return self.propose_batch([state], [max_depth])[0]
+
+    def observe(self, state: DecodeState, result: StepResult) -> None:
+        self.observe_batch([state], [result])
+
+    # -- batched -----------------------------------------------------------------------
     def _children(
         self, logits: torch.Tensor, c: int, sampling: SamplingParams, gen: torch.Generator | None
     ) -> tuple[list[int], torch.Tensor | None]:
@@ -88,70 +138,119 @@ class DraftModelDrafter(Drafter):
             c = min(c, int((p > 0).sum()))
         return torch.multinomial(p, c, replacement=replace, generator=gen).tolist(), p
 
+    def _catch_up(self, states: Sequence[DecodeState]) -> torch.Tensor:
+        """Feed each sequence the committed tokens its cache lacks (the root at least);
+        returns the draft logits after each root ``[a, V]``."""
+        seqs = [s.draft for s in states]
+        starts = torch.tensor([d.cached for d in seqs])
+        tails = [s.tokens[d.cached :] for s, d in zip(states, seqs, strict=True)]
+        counts = torch.tensor([len(t) for t in tails])
+        t = int(counts.max())
+        ids = torch.zeros(len(states), t, dtype=torch.long)
+        for i, tail in enumerate(tails):
+            ids[i, : len(tail)] = torch.tensor(tail)
+        pos = starts[:, None] + torch.arange(t)[None]
+        length = int((starts + t).max())
+        self.cache.reserve(length + len(self.shape.parents) + 1)
+        mask = causal_mask(starts, counts, length)
+        slots = torch.tensor([d.slot for d in seqs])
+        logits, _ = self.lm.forward(self.cache, slots, ids, pos, pos, mask)
+        for s, d in zip(states, seqs, strict=True):
+            d.cached = d.committed = len(s.tokens)
+            d.fed = 0
+        return logits[torch.arange(len(states)), counts - 1]
+
+    def _feed(self, states: Sequence[DecodeState], ids: torch.Tensor, lo: int, hi: int):
+        """Feed the level's nodes ``lo..hi-1`` (ids ``[a, hi - lo]``) after the earlier
+        levels; returns their draft logits ``[a, hi - lo, V]``."""
+        seqs = [s.draft for s in states]
+        committed = torch.tensor([d.committed for d in seqs])  # [a]
+        a, w = ids.shape
+        depth = int(self.shape.levels.index((lo, hi))) + 1
+        pos = (committed - 1 + depth)[:, None].expand(a, w)
+        at = committed[:, None] + torch.arange(lo, hi)[None]  # [a, w]
+        length = int(committed.max()) + hi
+        col = torch.arange(length)[None, None, :]
+        mask = (col < committed[:, None, None]).expand(a, w, length).clone()
+        anc = self.shape.anc[lo:hi, :hi]  # [w, hi]
+        node_cols = committed[:, None, None] + torch.arange(hi)[None, None, :]  # [a, 1, hi]
+        mask.scatter_(2, node_cols.expand(a, w, hi), anc[None].expand(a, w, hi))
+        slots = torch.tensor([d.slot for d in seqs])
+        logits, _ = self.lm.forward(self.cache, slots, ids, pos, at, mask)
+        for d in seqs:
+            d.fed = hi
+        return logits
+
     @torch.inference_mode()
-    def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
-        ds: _DraftSeq = state.draft
-        depth = min(self.k, max_depth, self.context - len(state.tokens))
-        if depth <= 0:
-            return TokenTree.empty()
-        tail = state.tokens[cache_len(ds.cache) :]
-        logits, _ = cached_forward(self.model, ds.cache, torch.tensor(tail, dtype=torch.long))
-        committed = len(state.tokens)  # the root is now in the draft cache too
-        tokens: list[int] = []
-        parents: list[int] = []
-        probs: list[torch.Tensor] = []
-        frontier = [(-1, logits[-1])]
-        level_start = 0
-        for d in range(depth):
-            for node, lg in frontier:
-                kids, p = self._children(lg, self.branching[d], state.sampling, state.generator)
-                tokens.extend(kids)
-                parents.extend([node] * len(kids))
-                if p is not None:
-                    probs.extend([p] * len(kids))
-            if d == depth - 1:
+    def propose_batch(self, states: Sequence[DecodeState], depths: list[int]) -> list[TokenTree]:
+        limit = [
+            min(self.k, d, self.context - len(s.tokens))
+            for s, d in zip(states, depths, strict=True)
+        ]
+        active = [i for i, d in enumerate(limit) if d > 0]
+        trees = [TokenTree.empty() for _ in states]
+        if not active:
+            return trees
+        act = [states[i] for i in active]
+        frontier = self._catch_up(act)[:, None]  # [a, 1, V] logits of the open nodes
+        toks: list[list[int]] = [[] for _ in act]
+        probs: list[list[torch.Tensor]] = [[] for _ in act]
+        greedy = all(s.sampling.greedy for s in act)
+        deepest = max(limit[i] for i in active)
+        for d in range(deepest):
+            c = self.branching[d]
+            if greedy:  # one top-c for every open node of every sequence
+                kids = frontier.topk(c, dim=-1).indices.reshape(len(act), -1)  # [a, w]
+            else:
+                rows = []
+                for i, s in enumerate(act):
+                    row: list[int] = []
+                    if d >= limit[active[i]]:  # this tree is complete: draw nothing more
+                        rows.append([0] * (frontier.shape[1] * c))
+                        continue
+                    for lg in frontier[i]:
+                        k, p = self._children(lg, c, s.sampling, s.generator)
+                        # support exhausted without replacement: repeat the last token;
+                        # acceptance treats a sibling that could not be drawn as a point
+                        # mass (lossless for any proposal fixed by the history)
+                        k += [k[-1]] * (c - len(k))
+                        row += k
+                        probs[i] += [p] * c
+                    rows.append(row)
+                kids = torch.tensor(rows)
+            for i in range(len(act)):
+                if d < limit[active[i]]:
+                    toks[i] += kids[i].tolist()
+            if d == deepest - 1:
                 break
-            lo, hi = level_start, len(tokens)
-            logits = self._feed_level(ds.cache, committed, tokens, parents, lo, hi)
-            frontier = [(lo + r, logits[r]) for r in range(hi - lo)]
-            level_start = hi
-        ds.committed, ds.fed_nodes = committed, level_start
-        return TokenTree.from_parents(
-            tokens, parents, torch.stack(probs) if probs else None, self.without_replacement
-        )
+            lo, hi = self.shape.levels[d]
+            frontier = self._feed(act, kids, lo, hi)
+        for i, s in enumerate(act):
+            n = self.shape.levels[limit[active[i]] - 1][1]
+            greedy_row = not probs[i] or probs[i][0] is None  # point masses
+            p = None if greedy_row else torch.stack(probs[i][:n])
+            tree = TokenTree.from_parents(
+                toks[i][:n], self.shape.parents[:n], p, self.without_replacement
+            )
+            s.draft.fed = min(s.draft.fed, self.shape.levels[limit[active[i]] - 1][0])
+            trees[active[i]] = tree
+        return trees
 
-    def _feed_level(
-        self,
-        cache: DynamicCache,
-        committed: int,
-        tokens: list[int],
-        parents: list[int],
-        lo: int,
-        hi: int,
-    ) -> torch.Tensor:
-        """Draft logits [hi - lo, V] after the nodes lo..hi-1 (earlier levels are cached)."""
-        ids = torch.tensor(tokens[lo:hi], dtype=torch.long)
-        if hi - lo == 1 and all(p == i - 1 for i, p in enumerate(parents[:hi])):
-            return cached_forward(self.model, cache, ids)[0]  # chain: plain causal step
-        anc = ancestor_matrix(torch.tensor(parents[:hi]))  # [hi, hi]
-        allowed = torch.ones(hi - lo, committed + hi, dtype=torch.bool)
-        allowed[:, committed:] = anc[lo:hi]
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
-            ~allowed, torch.finfo(dtype).min
-        )
-        depths = [0] * hi
-        for i, p in enumerate(parents[:hi]):
-            depths[i] = 1 if p < 0 else depths[p] + 1
-        pos = torch.tensor([committed - 1 + depths[i] for i in range(lo, hi)])[None]
-        return cached_forward(self.model, cache, ids, pos, mask[None, None])[0]
+    def observe_batch(self, states: Sequence[DecodeState], results: Sequence[StepResult]) -> None:
+        slots, src, dst = [], [], []
+        for s, r in zip(states, results, strict=True):
+            ds: _DraftSeq = s.draft
+            if r.tree.size == 0:
+                continue
+            kept = [i for i in r.accept.path if i < ds.fed]  # accepted nodes it holds
+            a, b = moves(ds.committed, kept)
+            slots += [ds.slot] * len(a)
+            src += a
+            dst += b
+            ds.cached = ds.committed + len(kept)
+        self.cache.move(torch.tensor(slots), torch.tensor(src), torch.tensor(dst))
 
-    def observe(self, state: DecodeState, result: StepResult) -> None:
-        ds: _DraftSeq = state.draft
-        kept = [ds.committed + i for i in result.accept.path if i < ds.fed_nodes]
-        keep = torch.cat([torch.arange(ds.committed), torch.tensor(kept, dtype=torch.long)])
-        compact(ds.cache, keep)
-
+    # -- weights -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

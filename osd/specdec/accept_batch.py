@@ -1,11 +1,16 @@
-"""Lossless speculative sampling for many trees of one topology, vectorised over the batch.
+"""Acceptance for a batch of token trees, vectorised over the batch, on the tensors' device.
 
 :func:`accept_sampling_batch` applies the rules of :func:`osd.specdec.accept.accept_sampling`
 (terms, tree representation, edge cases and the exactness argument are in that module's
-docstring) to ``B`` trees at once: tree ``b`` has tokens ``tokens[b]``, targets ``q[b]`` and
-drafts ``p[b]``, and all share ``parents``. The ``*_rows`` helpers are the row-wise twins
-of the one-tree helpers in ``osd.specdec.accept``; for the same uniforms both paths give
-identical results.
+docstring) to ``B`` trees at once, and :func:`accept_greedy_batch` those of
+:func:`~osd.specdec.accept.accept_greedy`. Trees may differ (*ragged*): ``parents`` is
+``[n]`` (one topology) or ``[B, n]`` with **padding nodes** marked by a parent ``≤ -2``
+(never reached; put them after the real nodes). Tree ``b`` has ``n_b`` real nodes; its
+uniforms are ``uniforms[b, :n_b]`` for the nodes and ``uniforms[b, n_b]`` for the bonus /
+recovered token, exactly as the one-tree function uses its ``n_b + 1``. For the same
+uniforms both paths give identical results (in float64; the engine computes in the
+distributions' own dtype). The ``*_rows`` helpers are the row-wise twins of the one-tree
+helpers in ``osd.specdec.accept``.
 """
 
 from __future__ import annotations
@@ -17,20 +22,20 @@ import torch
 from osd.specdec.accept import (
     RESIDUAL_EPS,
     AcceptResult,
+    _check_distinct_siblings,
     _check_shape,
     _check_vector,
     _children,
-    _depths,
     _describe,
     _uniforms,
 )
 
-__all__ = ["BatchAcceptResult", "accept_sampling_batch"]
+__all__ = ["BatchAcceptResult", "TreeBatch", "accept_greedy_batch", "accept_sampling_batch"]
 
 
 @dataclass(frozen=True)
 class BatchAcceptResult:
-    """Acceptance outcomes of ``B`` trees with one topology (see :func:`accept_sampling_batch`).
+    """Acceptance outcomes of ``B`` trees (see :func:`accept_sampling_batch`).
 
     Attributes:
         path: ``[B, max_depth]`` accepted node indices from the root down, ``-1`` after the end.
@@ -64,29 +69,6 @@ class BatchAcceptResult:
         return out
 
 
-def _float64_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``t`` as a float64 tensor, checked: ``shape`` and finite non-negative values."""
-    _check_shape(name, t, shape)
-    t = t.detach().to(torch.float64)
-    if t.numel() and not (bool(t.min() >= 0) and bool(torch.isfinite(t.sum()))):
-        raise ValueError(f"{name} must hold finite non-negative probabilities")
-    return t
-
-
-def _check_distinct_sibling_rows(tokens: torch.Tensor, children: list[list[int]]) -> None:
-    """Row-wise :func:`_check_distinct_siblings` for ``tokens [B, n]``."""
-    for siblings in children:
-        if len(siblings) < 2:
-            continue
-        sibling_tokens = tokens[:, siblings]  # [B, k]
-        equal = sibling_tokens[:, :, None] == sibling_tokens[:, None, :]  # [B, k, k]
-        if bool((equal.sum((1, 2)) > len(siblings)).any()):
-            raise ValueError(
-                "without_replacement=True but siblings repeat a token; "
-                "pass without_replacement=False for iid siblings"
-            )
-
-
 def _normalised_rows(rows: torch.Tensor) -> torch.Tensor:
     """Rows divided by their sums; all-zero rows stay zero. ``[B, V] -> [B, V]``."""
     return rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
@@ -108,14 +90,16 @@ def _residual_rows(
 
 def _draft_rows(
     p_rows: torch.Tensor,  # [B, V]
-    removed: torch.Tensor | None,  # [B, k] tokens of earlier siblings
+    removed: torch.Tensor | None,  # [B, k] tokens of earlier siblings; V = none
     x: torch.Tensor,  # [B]
 ) -> torch.Tensor:
     """Row-wise :func:`_draft`. ``[B, V]``."""
     draft = _normalised_rows(p_rows)
     if removed is None or removed.shape[1] == 0:
         return draft
-    draft = draft.scatter(1, removed, 0.0)
+    vocab = draft.shape[1]
+    spare = torch.zeros(draft.shape[0], 1, dtype=draft.dtype, device=draft.device)
+    draft = torch.cat([draft, spare], 1).scatter(1, removed, 0.0)[:, :vocab]
     total = draft.sum(-1, keepdim=True)  # [B, 1]
     point = torch.zeros_like(draft).scatter_(1, x[:, None], 1.0)
     return torch.where(total > RESIDUAL_EPS, draft / total.clamp_min(RESIDUAL_EPS), point)
@@ -130,32 +114,178 @@ def _inverse_cdf_rows(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(index < vocab, index, last_nonzero)
 
 
+def _float_tensor(
+    name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``t`` as a ``dtype`` tensor, checked: ``shape`` and finite non-negative values."""
+    _check_shape(name, t, shape)
+    t = t.detach().to(dtype)
+    if t.numel() and not (bool(t.min() >= 0) and bool(torch.isfinite(t.sum()))):
+        raise ValueError(f"{name} must hold finite non-negative probabilities")
+    return t
+
+
+@dataclass(frozen=True)
+class TreeBatch:
+    """Per-row topology of ``B`` (ragged) trees, precomputed once on the host.
+
+    ``parents [B, n]`` (padding nodes ``≤ -2``) → ``sizes [B]`` real nodes, ``depth [B, n]``
+    (0 for padding), ``leaf [B, n]`` (no children), ``last [B, n]`` (last of its siblings),
+    ``earlier [B, n, n]`` (``earlier[b, j, i]``: node i is an earlier sibling of node j),
+    ``anc [B, n, n]`` (node i is node j or one of its ancestors), ``root_leaf [B]``.
+    """
+
+    parents: torch.Tensor
+    sizes: torch.Tensor
+    depth: torch.Tensor
+    leaf: torch.Tensor
+    last: torch.Tensor
+    earlier: torch.Tensor
+    anc: torch.Tensor
+    root_leaf: torch.Tensor
+
+    @classmethod
+    def of(cls, parents: torch.Tensor, batch: int, device: torch.device) -> TreeBatch:
+        par = parents.expand(batch, -1) if parents.dim() == 1 else parents
+        rows = par.tolist()
+        n = par.shape[1]
+        depth, leaf, last = (
+            [[0] * n for _ in rows],
+            [[True] * n for _ in rows],
+            [[False] * n for _ in rows],
+        )
+        earlier = torch.zeros(batch, n, n, dtype=torch.bool)
+        anc = torch.zeros(batch, n, n, dtype=torch.bool)
+        sizes, root_leaf = [], []
+        for b, pr in enumerate(rows):
+            size = sum(1 for x in pr if x >= -1)
+            if any(x < -1 for x in pr[:size]):
+                raise ValueError("padding nodes (parent ≤ -2) must come after the real nodes")
+            _check_vector("parents", torch.tensor(pr[:size], dtype=torch.long), size)
+            sizes.append(size)
+            kids = _children(pr[:size])
+            root_leaf.append(not kids[0])
+            for j in range(size):
+                p = pr[j]
+                depth[b][j] = 1 if p < 0 else depth[b][p] + 1
+                leaf[b][j] = not kids[j + 1]
+                sib = kids[p + 1]
+                last[b][j] = sib[-1] == j
+                for i in sib[: sib.index(j)]:
+                    earlier[b, j, i] = True
+                anc[b, j, j] = True
+                if p >= 0:
+                    anc[b, j] |= anc[b, p]
+        return cls(
+            par.to(device=device, dtype=torch.long),
+            torch.tensor(sizes, device=device),
+            torch.tensor(depth, dtype=torch.long, device=device).reshape(batch, n),
+            torch.tensor(leaf, dtype=torch.bool, device=device).reshape(batch, n),
+            torch.tensor(last, dtype=torch.bool, device=device).reshape(batch, n),
+            earlier.to(device),
+            anc.to(device),
+            torch.tensor(root_leaf, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max()) if self.depth.numel() else 0
+
+
+def _path_result(
+    tokens: torch.Tensor,
+    tb: TreeBatch,
+    end: torch.Tensor,
+    next_token: torch.Tensor,
+    is_bonus: torch.Tensor,
+) -> BatchAcceptResult:
+    """Results from the node each walk ended at (``end [B]``, −1 = the root)."""
+    batch, n = tokens.shape
+    width = max(tb.max_depth, 0)
+    if n == 0:
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=tokens.device)
+        none = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+        return BatchAcceptResult(empty, empty.clone(), none, next_token, is_bonus)
+    on_path = tb.anc[torch.arange(batch, device=tokens.device), end.clamp_min(0)]  # [B, n]
+    on_path &= (end >= 0)[:, None]
+    col = torch.where(on_path, tb.depth - 1, width)  # off-path nodes go to a spare column
+    path = torch.full((batch, width + 1), -1, dtype=torch.long, device=tokens.device)
+    nodes = torch.arange(n, device=tokens.device).expand(batch, n)
+    path.scatter_(1, col, nodes)
+    path = path[:, :width]
+    num_accepted = (path >= 0).sum(-1)
+    accepted_tokens = tokens.gather(1, path.clamp_min(0)).masked_fill(path < 0, -1)
+    return BatchAcceptResult(path, accepted_tokens, num_accepted, next_token, is_bonus)
+
+
+def accept_greedy_batch(
+    tokens: torch.Tensor,  # [B, n]
+    parents: torch.Tensor,  # [n] or [B, n]
+    target_argmax: torch.Tensor,  # [B, n + 1]
+    trees: TreeBatch | None = None,
+) -> BatchAcceptResult:
+    """:func:`~osd.specdec.accept.accept_greedy` for ``B`` ragged trees, no host loop.
+
+    A node is accepted iff it and all its ancestors carry their parent row's argmax; the
+    walk ends at the deepest such node (siblings are distinct, so there is one), and the
+    next token is the argmax after it: a bonus if it is a leaf, else the recovered token.
+    """
+    batch = tokens.shape[0]
+    device = target_argmax.device
+    tokens = tokens.to(device)
+    tb = trees or TreeBatch.of(parents, batch, device)
+    real = tb.parents >= -1  # [B, n]
+    want = target_argmax.gather(1, (tb.parents + 1).clamp_min(0))  # [B, n]
+    match = (tokens == want) & real
+    ok = ~(tb.anc & ~match[:, None, :]).any(-1) & real  # [B, n]: whole path matches
+    score = torch.where(ok, tb.depth, 0)
+    if score.shape[1] == 0:  # no tree at all: the walk ends at the root
+        end = torch.full((batch,), -1, dtype=torch.long, device=device)
+    else:
+        best = score.argmax(-1)  # first deepest ok node
+        end = torch.where(score.gather(1, best[:, None]).squeeze(1) > 0, best, -1)
+    next_token = target_argmax.gather(1, (end + 1)[:, None]).squeeze(1)
+    is_bonus = tb.root_leaf.clone()
+    if score.shape[1]:
+        leaf_end = tb.leaf.gather(1, end.clamp_min(0)[:, None]).squeeze(1)
+        is_bonus = torch.where(end >= 0, leaf_end, is_bonus)
+    return _path_result(tokens, tb, end, next_token, is_bonus)
+
+
 def accept_sampling_batch(
     tokens: torch.Tensor,  # [B, n]
-    parents: torch.Tensor,  # [n]
+    parents: torch.Tensor,  # [n] or [B, n]
     q: torch.Tensor,  # [B, n + 1, V]
     p: torch.Tensor | None,  # [B, n, V]
     without_replacement: bool = False,
     generator: torch.Generator | None = None,
     *,
     uniforms: torch.Tensor | None = None,  # [B, n + 1]
+    dtype: torch.dtype = torch.float64,
+    trees: TreeBatch | None = None,
+    check_siblings: bool = True,
 ) -> BatchAcceptResult:
-    """:func:`accept_sampling` for ``B`` independent trees sharing one topology, vectorised.
+    """:func:`accept_sampling` for ``B`` independent (ragged) trees, vectorised.
 
-    Tree ``b`` has tokens ``tokens[b]``, targets ``q[b]`` and drafts ``p[b]``; the nodes
-    are visited once each in index order, and a node acts on the trees whose walk currently
-    stands at its parent (one host sync per node, to select those trees). With the same
-    ``uniforms[b]`` it returns exactly what :func:`accept_sampling` returns for tree ``b``.
-    Used for batched verification and for the statistical tests (many draws of one tree).
+    The nodes are visited in index order; node ``j`` acts on the trees whose walk
+    currently stands at its parent. With the same uniforms it returns exactly what
+    :func:`accept_sampling` returns for each tree (see the module docstring for the
+    uniforms of a ragged batch). Used by the batched engine (``dtype`` = the model's) and
+    by the statistical tests (many draws of one tree).
 
     Args:
         tokens: ``[B, n]`` node tokens per tree.
-        parents: ``[n]`` parent of each node, shared; topological order.
+        parents: ``[n]`` shared, or ``[B, n]`` per tree with padding ``≤ -2``.
         q: ``[B, n + 1, V]`` warped target distributions.
         p: ``[B, n, V]`` warped draft distributions, or ``None`` for point masses.
         without_replacement: siblings were drawn without replacement from their ``p`` row.
         generator: source of the uniforms (on ``q``'s device).
         uniforms: ``[B, n + 1]`` uniforms in ``[0, 1)`` to use instead of drawing them.
+        dtype: the arithmetic's dtype (float64 reproduces the one-tree function exactly).
+        trees: the precomputed :class:`TreeBatch` of ``parents``.
+        check_siblings: refuse repeated sibling tokens without replacement (a caller's
+            bug, usually). ``False`` where repeats are meant: a drafter that ran out of
+            support repeats a token, which is then a point mass (see ``accept.py``).
 
     Returns:
         A :class:`BatchAcceptResult` with tensors on ``q``'s device.
@@ -163,65 +293,69 @@ def accept_sampling_batch(
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         raise ValueError(f"tokens must have shape (B, n), got {_describe(tokens)}")
     batch, n = tokens.shape
-    par = _check_vector("parents", parents, n)
-    children = _children(par)
-    depth = _depths(par)
-    q64 = _float64_tensor("q", q, (batch, n + 1, -1))  # [B, n + 1, V]
-    vocab = q64.shape[2]
     device = q.device
+    if parents.dim() == 1:
+        _check_vector("parents", parents, n)
+    tb = trees or TreeBatch.of(parents, batch, device)
+    qx = _float_tensor("q", q, (batch, n + 1, -1), dtype)  # [B, n + 1, V]
+    vocab = qx.shape[2]
     tokens = tokens.to(device=device, dtype=torch.long)
-    if n and bool(((tokens < 0) | (tokens >= vocab)).any()):
+    real = tb.parents >= -1
+    if n and bool((((tokens < 0) | (tokens >= vocab)) & real).any()):
         raise ValueError(f"tokens must lie in [0, {vocab})")
-    p64 = None
+    tokens = tokens.masked_fill(~real, 0)
+    px = None
     if p is not None:
-        p64 = _float64_tensor("p", p.to(device), (batch, n, vocab))  # [B, n, V]
-        if without_replacement:
-            _check_distinct_sibling_rows(tokens, children)
-    u = _uniforms(uniforms, (batch, n + 1), generator, device)  # [B, n + 1]
+        px = _float_tensor("p", p.to(device), (batch, n, vocab), dtype)  # [B, n, V]
+        if without_replacement and check_siblings:
+            for b, row in enumerate(tb.parents.tolist()):
+                size = int(tb.sizes[b])
+                _check_distinct_siblings(tokens[b, :size].tolist(), _children(row[:size]))
+    u = _uniforms(uniforms, (batch, n + 1), generator, device).to(dtype)  # [B, n + 1]
 
     cur = torch.full((batch,), -1, dtype=torch.long, device=device)  # node the walk is at
-    alive = torch.ones(batch, dtype=torch.bool, device=device)  # walk not finished
-    path = torch.full((batch, max(depth, default=0)), -1, dtype=torch.long, device=device)
-    target = _normalised_rows(q64[:, 0])  # [B, V] r: current target
-    final = torch.zeros_like(target)  # [B, V] the next token is drawn from this
-    is_bonus = torch.zeros(batch, dtype=torch.bool, device=device)
-    if not children[0]:
-        final, is_bonus, alive = target.clone(), ~is_bonus, ~alive
+    alive = ~tb.root_leaf  # walk not finished
+    target = _normalised_rows(qx[:, 0])  # [B, V] r: current target
+    final = torch.where(tb.root_leaf[:, None], target, torch.zeros_like(target))
+    is_bonus = tb.root_leaf.clone()
+    end = torch.full((batch,), -1, dtype=torch.long, device=device)
 
     for j in range(n):
-        siblings = children[par[j] + 1]
-        rows = (alive & (cur == par[j])).nonzero().squeeze(1)  # [A] walks standing at the parent
+        rows = (alive & (cur == tb.parents[:, j])).nonzero().squeeze(1)  # [A]
         if rows.numel() == 0:
             continue
         x = tokens[rows, j]  # [A]
         r = target[rows]  # [A, V]
         draft = None
-        p_x = torch.ones(rows.shape[0], dtype=torch.float64, device=device)  # [A]
-        if p64 is not None:
-            earlier = siblings[: siblings.index(j)] if without_replacement else []
-            draft = _draft_rows(p64[rows, j], tokens[rows][:, earlier], x)  # [A, V]
+        p_x = torch.ones(rows.shape[0], dtype=dtype, device=device)  # [A]
+        if px is not None:
+            removed = None
+            if without_replacement:
+                removed = tb.earlier[rows, j]  # [A, n]
+                removed = torch.where(removed, tokens[rows], vocab)  # vocab = no token
+            draft = _draft_rows(px[rows, j], removed, x)  # [A, V]
             p_x = draft.gather(1, x[:, None]).squeeze(1)
         r_x = r.gather(1, x[:, None]).squeeze(1)  # [A]
         accept = u[rows, j] * p_x < r_x  # [A] probability min(1, r(x) / d(x))
         accepted, rejected = rows[accept], rows[~accept]
-        fresh = _normalised_rows(q64[accepted, j + 1])  # [A_acc, V] target below node j
+        fresh = _normalised_rows(qx[accepted, j + 1])  # [A_acc, V] target below node j
         target[rejected] = _residual_rows(
             r[~accept], None if draft is None else draft[~accept], x[~accept]
         )
         target[accepted] = fresh
         cur[accepted] = j
-        path[accepted, depth[j] - 1] = j
-        if not children[j + 1]:  # accepted a leaf: bonus token from below it
-            final[accepted] = fresh
-            is_bonus[accepted] = True
-            alive[accepted] = False
-        if j == siblings[-1]:  # rejected the last sibling: recovered token from the residual
-            final[rejected] = target[rejected]
-            alive[rejected] = False
+        end[accepted] = j
+        leaf = tb.leaf[accepted, j]
+        done = accepted[leaf]  # accepted a leaf: bonus token from below it
+        final[done] = fresh[leaf]
+        is_bonus[done] = True
+        alive[done] = False
+        gone = rejected[tb.last[rejected, j]]  # rejected the last sibling: recovered token
+        final[gone] = target[gone]
+        alive[gone] = False
 
     if bool((final.sum(-1) <= 0).any()):
         raise ValueError("a target distribution row reached by the walk sums to 0")
-    next_token = _inverse_cdf_rows(final, u[:, n])  # [B]
-    num_accepted = (path >= 0).sum(-1)  # [B]
-    accepted_tokens = tokens.gather(1, path.clamp_min(0)).masked_fill(path < 0, -1)
-    return BatchAcceptResult(path, accepted_tokens, num_accepted, next_token, is_bonus)
+    u_final = u.gather(1, tb.sizes[:, None]).squeeze(1)  # [B]
+    next_token = _inverse_cdf_rows(final, u_final)  # [B]
+    return _path_result(tokens, tb, end, next_token, is_bonus)

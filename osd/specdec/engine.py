@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
-from osd.specdec.accept import AcceptResult, accept_greedy, accept_sampling, accept_typical
-from osd.specdec.kvcache import compact, keep_slots
+from osd.specdec.accept import AcceptResult, accept_typical
+from osd.specdec.accept_batch import accept_greedy_batch, accept_sampling_batch
+from osd.specdec.kvcache import moves
+from osd.specdec.lean import LeanLM, causal_mask
 from osd.specdec.ledger import Ledger
 from osd.specdec.sampling import SamplingParams, warp_probs
-from osd.specdec.tree import TokenTree
-from osd.specdec.verify import prefill, verify_tree
+from osd.specdec.tree import TokenTree, pad_trees, tree_block
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class SpeculativeDecoder:
-    """Target + drafter. One sequence per step loop; state is per sequence."""
+    """Target + drafter, batched: :meth:`step_batch` advances many sequences (ragged
+    prompts, trees and accepted lengths) with one target forward; each holds a slot of a
+    preallocated position-indexed KV cache (:mod:`osd.specdec.kvcache`)."""
 
     def __init__(
         self,
@@ -151,7 +153,10 @@ class SpeculativeDecoder:
         self.controller = controller
         self.ledger = ledger or Ledger()
         self.eos = _eos_ids(target, tokenizer)
-        self.context = int(getattr(target.config, "max_position_embeddings", 1 << 30))
+        self.lm = LeanLM(target)
+        self.context = self.lm.context
+        # tree nodes sit past the prefix in the cache: room for up to 255 of them
+        self.cache = self.lm.new_cache(extra=256)
         self.observers: list[StepObserver] = []
         self.keep_logits = self.keep_hidden = False
         for obs in [*observers, *([controller] if controller is not None else [])]:
@@ -191,7 +196,9 @@ class SpeculativeDecoder:
         max_new_tokens: int = 64,
         sampling: SamplingParams | None = None,
     ) -> DecodeState:
-        """Validate the request, prefill the target cache and let the drafter set up."""
+        """Validate the request, give it a cache slot, prefill it and let the drafter set up.
+
+        Every started state must leave through :meth:`release` (``generate`` does it)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         sampling = sampling or SamplingParams()
@@ -203,123 +210,204 @@ class SpeculativeDecoder:
             max_new_tokens=max_new,
             sampling=sampling,
             generator=sampling.make_generator(),
-            target_cache=DynamicCache(),
         )
         with self.ledger.time("prefill"), torch.inference_mode():
-            h = prefill(
-                self.target,
-                state.target_cache,
-                state.tokens,
-                hidden=self.drafter.needs_hidden_states,
-            )
-            state.target_hidden = h
-            self.drafter.start(state)
+            state.slot = self.cache.alloc(state)
+            try:
+                state.target_hidden = self._prefill(state)
+                self.drafter.start(state)
+            except BaseException:
+                self.release(state)
+                raise
         return state
 
-    # -- the four stages ---------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, state: DecodeState, stats: DecodeStats | None = None) -> StepResult:
-        """One propose → verify → accept → commit step. Never called on a finished state."""
-        if state.finished:
-            raise RuntimeError("step() on a finished sequence")
-        # emitted ≤ depth + 1 ≤ tokens_left: drafting deeper is wasted work
-        max_depth = max(0, state.tokens_left - 1)
-        if self.controller is not None:
-            max_depth = min(max_depth, self.controller.depth())
-        with self.ledger.time("propose"):
-            tree = self.drafter.propose(state, max_depth) if max_depth > 0 else None
-            if tree is None:
-                tree = TokenTree.empty()
-            if tree.max_depth > max_depth:
-                raise RuntimeError(
-                    f"drafter {self.drafter.name!r} proposed depth "
-                    f"{tree.max_depth} > allowed {max_depth}"
-                )
-        with self.ledger.time("verify"):
-            prefix = len(state.tokens) - 1
-            logits, hidden = verify_tree(
-                self.target,
-                state.target_cache,
-                state.tokens[-1],
-                tree,
-                hidden=self.drafter.needs_hidden_states or self.keep_hidden,
-            )
-        with self.ledger.time("accept"):
-            result = self._accept(state, tree, logits)
-        with self.ledger.time("commit"):
-            step = self._commit(state, tree, result, prefix, logits, hidden)
-        if stats is not None:
-            stats.record(tree.max_depth, len(result.path), len(step.emitted))
-        with self.ledger.time("observe"):
-            self.drafter.observe(state, step)
-        for obs in self.observers:
-            obs.on_step(state, step, self.ledger)
-        return step
+    def _prefill(self, state: DecodeState) -> torch.Tensor | None:
+        """Fill the slot with every token but the last (the pending root)."""
+        n = len(state.tokens) - 1
+        if n == 0:
+            return None
+        self.cache.reserve(n + 1)
+        pos = torch.arange(n)[None]
+        _, h = self.lm.forward(
+            self.cache,
+            torch.tensor([state.slot]),
+            torch.tensor([state.tokens[:-1]]),
+            pos,
+            pos,
+            causal_mask(torch.zeros(1, dtype=torch.long), torch.tensor([n]), n),
+            hidden=self.drafter.needs_hidden_states,
+        )
+        return None if h is None else h[0]
 
+    # -- the four stages ---------------------------------------------------------------
+    def step(self, state: DecodeState, stats: DecodeStats | None = None) -> StepResult:
+        """One propose → verify → accept → commit step of one sequence."""
+        return self.step_batch([state], [stats])[0]
+
+    @torch.inference_mode()
     def step_batch(
         self, states: Sequence[DecodeState], stats: Sequence[DecodeStats | None] | None = None
     ) -> list[StepResult]:
-        """One step of each of ``states`` (none finished)."""
+        """One step of each of ``states`` (none finished): one drafter call, **one** target
+        forward over all their trees, batched acceptance, then each commit."""
+        if not states:
+            return []
+        if any(s.finished or s.released for s in states):
+            raise RuntimeError("step_batch() on a finished or released sequence")
         stats = stats or [None] * len(states)
-        return [self.step(s, st) for s, st in zip(states, stats, strict=True)]
+        # emitted ≤ depth + 1 ≤ tokens_left: drafting deeper is wasted work
+        depths = [max(0, s.tokens_left - 1) for s in states]
+        if self.controller is not None:
+            cap = self.controller.depth()
+            depths = [min(d, cap) for d in depths]
+        with self.ledger.time("propose"):
+            trees = self.drafter.propose_batch(states, depths)
+            for tree, d in zip(trees, depths, strict=True):
+                if tree.max_depth > d:
+                    raise RuntimeError(
+                        f"drafter {self.drafter.name!r} proposed depth {tree.max_depth} > "
+                        f"allowed {d}"
+                    )
+        with self.ledger.time("verify"):
+            logits, hidden = self._verify(states, trees)  # [b, T, V], [b, T, H]
+        with self.ledger.time("accept"):
+            results = self._accept(states, trees, logits)
+        with self.ledger.time("commit"):
+            steps = self._commit(states, trees, results, logits, hidden)
+        for st, tree, res, step in zip(stats, trees, results, steps, strict=True):
+            if st is not None:
+                st.record(tree.max_depth, len(res.path), len(step.emitted))
+        with self.ledger.time("observe"):
+            self.drafter.observe_batch(states, steps)
+        for state, step in zip(states, steps, strict=True):
+            for obs in self.observers:
+                obs.on_step(state, step, self.ledger)
+        return steps
 
-    def release(self, state: DecodeState) -> None:
-        """A sequence leaves the engine (finished or dropped): free what it holds and tell
-        the observers. Idempotent."""
-        if state.released:
-            return
-        state.released = True
-        state.target_cache = state.draft = None
-        for obs in self.observers:
-            obs.on_release(state)
+    def _verify(
+        self, states: Sequence[DecodeState], trees: list[TokenTree]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One target forward over ``[root] + nodes`` of every tree (padded to ``T``)."""
+        b = len(states)
+        t = 1 + max(tree.size for tree in trees)
+        prefix = torch.tensor([len(s.tokens) - 1 for s in states])  # [b] cached tokens
+        ids = torch.zeros(b, t, dtype=torch.long)
+        depth = torch.arange(t).expand(b, t).clone()  # padding: any position
+        blocks = torch.zeros(b, t, t, dtype=torch.bool)
+        for i, (s, tree) in enumerate(zip(states, trees, strict=True)):
+            n = tree.size
+            ids[i, 0] = s.tokens[-1]
+            ids[i, 1 : n + 1] = tree.tokens
+            depth[i, 1 : n + 1] = tree.depths
+            blocks[i] = tree_block(tree, t)
+        length = int(prefix.max()) + t
+        self.cache.reserve(length)
+        col = torch.arange(length)[None, None, :]
+        mask = (col < prefix[:, None, None]).expand(b, t, length).clone()  # cached prefix
+        at = prefix[:, None] + torch.arange(t)[None, :]  # [b, T] where the new K/V go
+        mask.scatter_(2, at[:, None, :].expand(b, t, t), blocks)
+        slots = torch.tensor([s.slot for s in states])
+        hid = self.drafter.needs_hidden_states or self.keep_hidden
+        return self.lm.forward(self.cache, slots, ids, prefix[:, None] + depth, at, mask, hid)
 
-    def _accept(self, state: DecodeState, tree, logits: torch.Tensor) -> AcceptResult:
-        if state.sampling.greedy:
-            return accept_greedy(tree.tokens, tree.parents, logits.argmax(-1))
-        q = warp_probs(logits, state.sampling)  # [n + 1, V]
-        if self.typical is not None:  # LOSSY, opt-in
+    def _accept(
+        self, states: Sequence[DecodeState], trees: list[TokenTree], logits: torch.Tensor
+    ) -> list[AcceptResult]:
+        out: list[AcceptResult | None] = [None] * len(states)
+        greedy = [i for i, s in enumerate(states) if s.sampling.greedy]
+        sampled = [i for i, s in enumerate(states) if not s.sampling.greedy]
+        if greedy:  # all greedy rows at once, on the logits' device
+            tokens, parents = pad_trees([trees[i] for i in greedy])
+            rows = torch.tensor(greedy, device=logits.device)
+            argmax = logits[rows, : tokens.shape[1] + 1].argmax(-1)  # [g, n + 1]
+            res = accept_greedy_batch(tokens, parents, argmax)
+            for i, r in zip(greedy, res.unbind(), strict=True):
+                out[i] = r
+        if self.typical is not None:  # LOSSY, opt-in: one tree at a time
             eps, delta = self.typical
-            return accept_typical(tree.tokens, tree.parents, q, epsilon=eps, delta=delta)
-        return accept_sampling(
-            tree.tokens,
-            tree.parents,
-            q,
-            tree.draft_probs,
-            tree.without_replacement,
-            state.generator,
-        )
+            for i in sampled:
+                n = trees[i].size
+                q = warp_probs(logits[i, : n + 1], states[i].sampling)
+                out[i] = accept_typical(
+                    trees[i].tokens, trees[i].parents, q, epsilon=eps, delta=delta
+                )
+            sampled = []
+        for i in sampled:  # per request: its own temperature, top-k/p and generator
+            tree, s = trees[i], states[i]
+            q = warp_probs(logits[i, : tree.size + 1], s.sampling)  # [n + 1, V]
+            u = torch.rand(tree.size + 1, generator=s.generator, dtype=torch.float64)
+            res = accept_sampling_batch(
+                tree.tokens[None],
+                tree.parents,
+                q[None],
+                None if tree.draft_probs is None else tree.draft_probs[None],
+                tree.without_replacement,
+                uniforms=u[None].to(q.device),
+                dtype=q.dtype,
+                check_siblings=False,
+            )
+            out[i] = res.unbind()[0]
+        return out  # type: ignore[return-value]
 
     def _commit(
         self,
-        state: DecodeState,
-        tree,
-        result: AcceptResult,
-        prefix: int,
+        states: Sequence[DecodeState],
+        trees: list[TokenTree],
+        results: list[AcceptResult],
         logits: torch.Tensor,
         hidden: torch.Tensor | None,
-    ) -> StepResult:
-        emitted = result.emitted_tokens[: state.tokens_left]
-        for i, t in enumerate(emitted):
-            if t in self.eos:
-                emitted = emitted[: i + 1]
-                state.finished, state.finish_reason = True, "stop"
-                break
-        state.tokens.extend(emitted)
-        if not state.finished and state.tokens_left <= 0:
-            state.finished, state.finish_reason = True, "length"
-        # KV: prefix + root + accepted path (the last emitted token stays pending)
-        compact(state.target_cache, keep_slots(prefix, result.path))
-        if hidden is not None and self.drafter.needs_hidden_states:
-            # target hidden states along root + accepted path
-            rows = torch.tensor([0] + [i + 1 for i in result.path])
-            state.target_hidden = hidden.index_select(0, rows.to(hidden.device))
-        return StepResult(
-            tree=tree,
-            accept=result,
-            emitted=emitted,
-            target_logits=logits if self.keep_logits else None,
-            target_hidden=hidden if self.keep_hidden else None,
-        )
+    ) -> list[StepResult]:
+        steps = []
+        mv_slot: list[int] = []
+        mv_src: list[int] = []
+        mv_dst: list[int] = []
+        for i, (state, tree, result) in enumerate(zip(states, trees, results, strict=True)):
+            src, dst = moves(len(state.tokens), result.path)  # node 0 sits at len(tokens)
+            mv_slot += [state.slot] * len(src)
+            mv_src += src
+            mv_dst += dst
+            emitted = result.emitted_tokens[: state.tokens_left]
+            for j, tok in enumerate(emitted):
+                if tok in self.eos:
+                    emitted = emitted[: j + 1]
+                    state.finished, state.finish_reason = True, "stop"
+                    break
+            state.tokens.extend(emitted)
+            if not state.finished and state.tokens_left <= 0:
+                state.finished, state.finish_reason = True, "length"
+            n = tree.size
+            h = None if hidden is None else hidden[i, : n + 1]
+            if h is not None and self.drafter.needs_hidden_states:
+                # target hidden states along root + accepted path
+                rows = torch.tensor([0] + [j + 1 for j in result.path], device=h.device)
+                state.target_hidden = h.index_select(0, rows)
+            steps.append(
+                StepResult(
+                    tree=tree,
+                    accept=result,
+                    emitted=emitted,
+                    target_logits=logits[i, : n + 1] if self.keep_logits else None,
+                    target_hidden=h if self.keep_hidden else None,
+                )
+            )
+        # KV: the accepted nodes move next to the root; the prefix never moves
+        self.cache.move(torch.tensor(mv_slot), torch.tensor(mv_src), torch.tensor(mv_dst))
+        return steps
+
+    def release(self, state: DecodeState) -> None:
+        """A sequence leaves the engine (finished or dropped): free its cache slot and the
+        drafter's, and tell the observers. Idempotent."""
+        if state.released:
+            return
+        state.released = True
+        if state.slot >= 0:
+            moved = self.cache.free(state.slot)
+            if moved is not None:
+                moved.slot = state.slot
+            state.slot = -1
+        self.drafter.release(state)
+        for obs in self.observers:
+            obs.on_release(state)
 
     # -- convenience -------------------------------------------------------------------
     def generate(

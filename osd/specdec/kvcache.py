@@ -1,56 +1,129 @@
-"""Commit a verification into a Hugging Face KV cache: keep prefix + accepted path.
+"""A preallocated, position-indexed KV cache for many sequences (one *slot* each).
 
-After verifying ``[root] + nodes`` the cache holds ``prefix_len + 1 + n`` entries. Only the
-prefix, the root and the accepted nodes stay. For a chain the accepted nodes are the first
-``m``, so the commit is a crop; for a tree the kept entries are gathered into contiguous
-slots (*compaction*).
+Layout: per layer ``k[l], v[l]``: ``[slots, kv_heads, length, head_dim]``. Sequence ``s``
+owns slot ``s``; its committed tokens occupy positions ``0 .. len_s - 1`` (the engine keeps
+``len_s``, nothing here does). A forward writes its new tokens' K/V at the positions it is
+told and reads ``[:len + new]`` through a mask, so:
 
-Worked example — prefix 3, root at slot 3, tree nodes at slots 4..7, accepted path = nodes
-[1, 3] (slots 5 and 7)::
+- **rollback** is moving a length: entries past it are garbage the mask never shows and
+  the next write overwrites;
+- **commit** of a verified tree moves only the accepted nodes down to the slots right
+  after the root (:meth:`KVCache.move`); for a chain they are already there and nothing
+  moves; the prefix never moves.
 
-    keep_slots(prefix_len=3, path=[1, 3])  ->  [0, 1, 2, 3, 5, 7]
+Worked example — prefix of 3 (positions 0..2), root at 3, tree nodes at 4..7, accepted
+path = nodes [1, 3] (positions 5 and 7)::
 
-and after ``compact(cache, keep)`` entry 4 holds what was in slot 5, entry 5 what was in 7.
+    moves(base=4, path=[1, 3])  ->  src [5, 7], dst [4, 5]
+    after move: position 4 holds what was at 5, position 5 what was at 7; len = 6
+
+Slots stay dense: :meth:`KVCache.free` moves the last used slot into the hole, so the live
+slots are always ``0 .. used - 1`` and a batch over all of them reads views, not copies.
+Capacity grows on demand (slots and length, by doubling; a copy each time).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 
-def cache_len(cache: DynamicCache | None) -> int:
-    return 0 if cache is None else int(cache.get_seq_length())
+def moves(base: int, path: list[int]) -> tuple[list[int], list[int]]:
+    """Positions to copy (src → dst) so accepted nodes sit right after the root.
 
+    ``base`` is the position of node 0 (root position + 1).
 
-def keep_slots(prefix_len: int, path: list[int]) -> torch.Tensor:
-    """Cache slots to keep: the prefix and root (``0..prefix_len``) and the path's nodes."""
-    return torch.tensor(
-        list(range(prefix_len + 1)) + [prefix_len + 1 + i for i in path], dtype=torch.long
-    )
-
-
-def _select(t: torch.Tensor, keep: torch.Tensor, prefix: int | None) -> torch.Tensor:
-    if prefix is not None:
-        return t[..., :prefix, :]  # a view: cropping copies nothing
-    return t.index_select(-2, keep.to(t.device))
-
-
-def compact(cache: DynamicCache, keep: torch.Tensor) -> None:
-    """Keep only the slots ``keep`` (ascending), in order; a crop when they are a prefix.
-
-    Works on the per-layer tensors directly (``crop`` changed meaning across transformers
-    releases): ``layers[i].keys`` (≥ 4.56) or ``key_cache[i]`` (older).
+    >>> moves(4, [1, 3])
+    ([5, 7], [4, 5])
+    >>> moves(4, [0, 1, 2])  # a chain's accepted prefix is already in place
+    ([], [])
     """
-    n = keep.numel()
-    prefix = n if torch.equal(keep, torch.arange(n)) else None
-    if hasattr(cache, "layers"):
-        for layer in cache.layers:
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                continue
-            layer.keys = _select(layer.keys, keep, prefix)
-            layer.values = _select(layer.values, keep, prefix)
-    else:  # pragma: no cover - transformers < 4.56
-        for i in range(len(cache.key_cache)):
-            cache.key_cache[i] = _select(cache.key_cache[i], keep, prefix)
-            cache.value_cache[i] = _select(cache.value_cache[i], keep, prefix)
+    src = [base + i for j, i in enumerate(path) if i != j]
+    dst = [base + j for j, i in enumerate(path) if i != j]
+    return src, dst
+
+
+class KVCache:
+    """Per-layer K/V tensors ``[slots, kv_heads, length, head_dim]`` and slot bookkeeping."""
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        slots: int = 4,
+        length: int = 256,
+    ) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.max_length = max_length
+        self.dtype, self.device = dtype, torch.device(device)
+        self.used = 0  # live slots: 0 .. used - 1
+        self.owners: list[object] = []  # owners[s]: who holds slot s (a sequence's state)
+        shape = (slots, kv_heads, min(length, max_length), head_dim)
+        with torch.inference_mode():  # inference tensors: updated in place, never traced
+            self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    @torch.inference_mode()
+    def _grow(self, slots: int, length: int) -> None:
+        if slots <= self.slots and length <= self.length:
+            return
+        slots, length = max(slots, self.slots), max(length, self.length)
+        shape = (slots, self.kv_heads, length, self.head_dim)
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new[: t.shape[0], :, : t.shape[2]] = t
+                cache[i] = new
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions in every slot."""
+        if length > self.max_length:
+            raise ValueError(
+                f"needs {length} cache positions; the model's context allows {self.max_length}"
+            )
+        if length > self.length:
+            self._grow(self.slots, min(self.max_length, max(length, 2 * self.length)))
+
+    def alloc(self, owner: object = None) -> int:
+        """A fresh slot (the next dense one) for ``owner``."""
+        if self.used == self.slots:
+            self._grow(2 * self.slots, self.length)
+        self.used += 1
+        self.owners.append(owner)
+        return self.used - 1
+
+    @torch.inference_mode()
+    def free(self, slot: int) -> object | None:
+        """Release ``slot``; the last live slot moves into it. Returns the owner that moved
+        (it must now use ``slot``), or ``None``."""
+        last = self.used - 1
+        self.used -= 1
+        moved = self.owners.pop()
+        if slot == last:
+            return None
+        self.owners[slot] = moved
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[slot] = t[last]
+        return moved
+
+    @torch.inference_mode()
+    def move(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy position ``src[i]`` to ``dst[i]`` within slot ``slots[i]``, every layer."""
+        if slots.numel() == 0:
+            return
+        for cache in (self.k, self.v):
+            for t in cache:
+                t[slots, :, dst] = t[slots, :, src]

@@ -61,4 +61,5 @@ def replay_greedy(
         state.tokens.extend(emitted)
         stats.record(tree.max_depth, result.num_accepted, len(emitted))
         drafter.observe(state, StepResult(tree=tree, accept=result, emitted=emitted))
+    drafter.release(state)
     return stats

@@ -151,3 +151,32 @@ def path_to(tree: TokenTree, node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def tree_block(tree: TokenTree, t: int) -> torch.Tensor:
+    """[t, t] bool: which of ``[root] + nodes`` (padded to ``t``) each one may attend to.
+
+    The root and every node see the root; nodes see their ancestors and themselves;
+    padding rows see only themselves (never empty). The tree part of the verify mask.
+
+    >>> tree_block(TokenTree.from_parents([7, 8, 9], [-1, -1, 0]), 5).int().tolist()
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 1]]
+    """
+    n = tree.size
+    block = torch.eye(t, dtype=torch.bool)
+    block[: n + 1, 0] = True
+    if n:
+        block[1 : n + 1, 1 : n + 1] = ancestor_matrix(tree.parents)
+    return block
+
+
+def pad_trees(trees: list[TokenTree]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged trees: tokens ``[B, n_max]`` (padding 0) and parents ``[B, n_max]``
+    (padding ``-2``, the marker of :mod:`osd.specdec.accept_batch`)."""
+    n = max(tree.size for tree in trees)
+    tokens = torch.zeros(len(trees), n, dtype=torch.long)
+    parents = torch.full((len(trees), n), -2, dtype=torch.long)
+    for i, tree in enumerate(trees):
+        tokens[i, : tree.size] = tree.tokens
+        parents[i, : tree.size] = tree.parents
+    return tokens, parents
