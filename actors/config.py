@@ -7,10 +7,12 @@ One :class:`ClusterConfig` describes everything ``osd serve``, ``osd launch`` an
     draft: zoo:draft
     buffer: {url: null, log_mode: all}      # null: $REDIS_URL, else a private redis-server
     serve: {replicas: 1, num_cpus: 1, port: 8000, max_batch: 32}
-    trainer: {count: 1, num_cpus: 0.5, loss: fkl, lr: 0.0003}
+    trainer: {count: 1, num_cpus: 0.5, distill: {loss: fkl, lr: null}}
 
-Unknown keys are errors (a typo must not silently fall back to a default). The config
-travels to the actors as a plain dict (:meth:`ClusterConfig.to_dict`).
+Unknown keys are errors (a typo must not silently fall back to a default). How trainers
+distil is ``trainer.distill``: an :class:`osd.distill.config.DistillConfig`, the one
+definition (and defaults) that ``osd online`` uses too. The config travels to the actors
+as a plain dict (:meth:`ClusterConfig.to_dict`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from osd.distill.config import DistillConfig
 
 __all__ = [
     "REGISTRY_ACTOR",
@@ -140,39 +144,21 @@ class ServeConfig:
 
 @dataclass
 class TrainerConfig:
-    """Trainer actors (consumers of one group on the buffer) and their distillation."""
+    """Trainer actors (consumers of one group on the buffer): their resources, and how they
+    distil (``distill``; it validates itself with its own messages)."""
 
     count: int = 1  # 0: serve without online learning
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     threads: int = 1
-    loss: str = "fkl"
-    lora: bool = False
-    lr: float | None = 3e-4
-    batch_records: int = 8
-    publish_every_steps: int | None = 16
-    publish_every_s: float | None = 30.0
-    max_steps_per_s: float | None = None  # compute budget: serving stays first
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         _need(_int(self.count, 0), "trainer.count must be an int >= 0")
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "trainer.num_cpus must be >= 0")
         _need(_num(self.num_gpus) and self.num_gpus >= 0, "trainer.num_gpus must be >= 0")
         _need(_int(self.threads, 1), "trainer.threads must be an int >= 1")
-        self.distill_config()  # DistillConfig checks the rest with its own messages
-
-    def distill_config(self):
-        from osd.distill.trainer import DistillConfig
-
-        return DistillConfig(
-            loss=self.loss,
-            lora=self.lora,
-            lr=self.lr,
-            batch_records=self.batch_records,
-            publish_every_steps=self.publish_every_steps,
-            publish_every_s=self.publish_every_s,
-            max_steps_per_s=self.max_steps_per_s,
-        )
+        _need(isinstance(self.distill, DistillConfig), "trainer.distill must be a mapping")
 
 
 _SECTIONS = {
@@ -181,6 +167,25 @@ _SECTIONS = {
     "serve": ServeConfig,
     "trainer": TrainerConfig,
 }
+_NESTED = {(TrainerConfig, "distill"): DistillConfig}  # sub-sections, parsed the same way
+
+
+def _section(cls: type, value: Any, where: str) -> Any:
+    """``cls`` from a YAML mapping (or an instance), unknown keys named as errors."""
+    if isinstance(value, cls):
+        return value
+    value = value or {}
+    _need(isinstance(value, dict), f"{where} must be a mapping, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(value) - fields)
+    moved = cls is TrainerConfig and set(bad) <= {f.name for f in dataclasses.fields(DistillConfig)}
+    hint = "; distillation settings go under trainer.distill" if bad and moved else ""
+    _need(not bad, f"unknown keys in {where}: {bad}; known: {sorted(fields)}{hint}")
+    kwargs = {}
+    for key, v in value.items():
+        nested = _NESTED.get((cls, key))
+        kwargs[key] = v if nested is None else _section(nested, v, f"{where}.{key}")
+    return cls(**kwargs)
 
 
 @dataclass
@@ -239,18 +244,7 @@ class ClusterConfig:
         kwargs: dict[str, Any] = {}
         for key, value in doc.items():
             section = _SECTIONS.get(key)
-            if section is None:
-                kwargs[key] = value
-                continue
-            value = value or {}
-            if isinstance(value, section):
-                kwargs[key] = value
-                continue
-            _need(isinstance(value, dict), f"{key} must be a mapping, got {type(value).__name__}")
-            fields = {f.name for f in dataclasses.fields(section)}
-            bad = sorted(set(value) - fields)
-            _need(not bad, f"unknown keys in {key}: {bad}; known: {sorted(fields)}")
-            kwargs[key] = section(**value)
+            kwargs[key] = value if section is None else _section(section, value, key)
         return cls(**kwargs).validate()
 
 

@@ -58,7 +58,7 @@ class TrainerActor:
             cfg.drafter, None, load_model(cfg.draft, device), lenient=True, k=cfg.k
         )
         student = build_student(cfg.drafter, drafter)
-        dcfg = cfg.trainer.distill_config()
+        dcfg = cfg.trainer.distill
         live = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
         version, kind = live["version"], live["kind"]
         adapter = None

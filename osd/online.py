@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from osd.distill.collect import RecordCollector
+from osd.distill.config import DistillConfig
 from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.student import Student
-from osd.distill.trainer import DistillConfig, OnlineDistiller
+from osd.distill.trainer import OnlineDistiller
 from osd.drafters import Drafter, build_drafter, build_student
 from osd.registry import Promoter, PromotionGate, Registry
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
@@ -39,8 +40,16 @@ DEFAULT_STREAM = "drift:instruct@100,math@350,sql"  # 100 instruct, 250 math, 25
 DRAFTER_ID = "draft"
 
 
+# A replay publishes on trainer steps only (``publish_every_steps``), never on wall time, so
+# the same stream gives the same versions on a fast or a slow machine.
+REPLAY_DISTILL = DistillConfig(publish_every_s=None)
+
+
 @dataclass
 class OnlineConfig:
+    """The one-process loop: the stream, the drafter, and how it distils (``distill``, the
+    same :class:`~osd.distill.config.DistillConfig` trainer actors take)."""
+
     drafter: str = "draft_model"  # a trainable drafter of osd.drafters.DRAFTERS
     schedule: str = DEFAULT_STREAM
     n: int = 600
@@ -48,14 +57,10 @@ class OnlineConfig:
     k: int = 4
     max_new_tokens: int = 48
     prompt_tokens: int = 128  # prompts are cut to their last N tokens
-    loss: str = "fkl"
-    lora: bool = False
-    lr: float | None = None
+    distill: DistillConfig = REPLAY_DISTILL
     log_mode: str = "all"
     topk: int = 16
-    batch_records: int = 8
     steps_per_request: int = 2  # trainer steps after each request (the spare compute)
-    publish_every_steps: int = 16
     holdout_every: int = 8  # every N-th record is held out for the gate, not trained on
     holdout_size: int = 32
     gate_margin: float = 0.01
@@ -119,8 +124,8 @@ class OnlineResult:
             "bytes_per_position": self.bytes_per_position,
             "full_vocab_bytes_per_position": self.full_vocab_bytes_per_position,
             "bytes_ratio": self.bytes_per_position / self.full_vocab_bytes_per_position,
-            "loss": self.config.loss,
-            "lora": self.config.lora,
+            "loss": self.config.distill.loss,
+            "lora": self.config.distill.lora,
             "versions": self.versions,
             "trainer_steps": self.trainer_steps,
             "config": asdict(self.config),
@@ -152,15 +157,7 @@ def run_online(
     dec = SpeculativeDecoder(target, serving, tokenizer)
     collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk))
     dec.add_observer(collector)
-    dcfg = DistillConfig(
-        loss=cfg.loss,
-        lora=cfg.lora,
-        lr=cfg.lr,
-        batch_records=cfg.batch_records,
-        publish_every_steps=cfg.publish_every_steps,
-        publish_every_s=None,
-    )
-    trainer = OnlineDistiller(_student(cfg, target, draft), buffer, DRAFTER_ID, dcfg)
+    trainer = OnlineDistiller(_student(cfg, target, draft), buffer, DRAFTER_ID, cfg.distill)
     promoter = Promoter(
         registry or Registry(),
         DRAFTER_ID,
@@ -284,8 +281,8 @@ def plot_online(result: OnlineResult, path) -> None:
         xlabel="request",
         ylabel="acceptance rate α",
         ylim=(0, 1),
-        title=f"online distillation ({result.config.loss}"
-        f"{', LoRA' if result.config.lora else ''}): α per {result.config.window} "
+        title=f"online distillation ({result.config.distill.loss}"
+        f"{', LoRA' if result.config.distill.lora else ''}): α per {result.config.window} "
         "requests; green = promoted version",
     )
     ax.legend(loc="lower right")

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from osd.actors.config import ClusterConfig, load_config, runtime_env
 
+from osd.distill.config import DistillConfig
+
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
 
@@ -15,12 +17,15 @@ def test_local_yaml_is_the_default_topology():
 def test_gpu_yaml_packs_replicas_and_trainer_on_one_gpu():
     cfg = load_config(DEPLOY / "gpu.yaml")
     assert cfg.serve.replicas * cfg.serve.num_gpus + cfg.trainer.num_gpus <= 1.0
-    assert cfg.trainer.lora and cfg.trainer.num_gpus > 0
+    assert cfg.trainer.distill.lora and cfg.trainer.num_gpus > 0
 
 
 def test_round_trip_and_overrides(tmp_path):
-    cfg = ClusterConfig.from_dict({"k": 3, "serve": {"port": 8123}, "trainer": {"loss": "jsd"}})
+    cfg = ClusterConfig.from_dict(
+        {"k": 3, "serve": {"port": 8123}, "trainer": {"distill": {"loss": "jsd"}}}
+    )
     assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.trainer.distill == DistillConfig(loss="jsd")  # the one set of defaults
     path = tmp_path / "t.yaml"
     path.write_text("serve:\n  replicas: 2\n")
     got = load_config(path, **{"serve.port": 9000, "trainer.count": 0, "buffer.url": None})
@@ -40,8 +45,11 @@ def test_round_trip_and_overrides(tmp_path):
         ({"serve": {"port": 0}}, "serve.port"),
         ({"serve": {"replicas": 0}}, "serve.replicas"),
         ({"serve": 3}, "serve must be a mapping"),
-        ({"trainer": {"loss": "mse"}}, "loss must be one of"),
-        ({"trainer": {"lr": -1}}, "lr must be"),
+        ({"trainer": {"distill": {"loss": "mse"}}}, "loss must be one of"),
+        ({"trainer": {"distill": {"lr": -1}}}, "lr must be"),
+        ({"trainer": {"distill": {"lrate": 1}}}, "unknown keys in trainer.distill: .'lrate'"),
+        ({"trainer": {"distill": 3}}, "trainer.distill must be a mapping"),
+        ({"trainer": {"lr": 1e-3}}, "distillation settings go under trainer.distill"),
         ({"buffer": {"log_mode": "some"}}, "log_mode"),
         ({"buffer": {"holdout_every": 1}}, "holdout_every"),
         ({"drafter_id": "bad id/"}, "drafter id"),
@@ -86,3 +94,15 @@ def test_drafter_options_join_k_where_the_drafter_takes_it():
         }
     )
     assert ngram.serve.drafter_config("ngram", 5) == {"k": 2, "max_ngram": 2}  # options win
+
+
+def test_one_distill_config_with_one_set_of_defaults():
+    from dataclasses import replace
+
+    from osd.online import OnlineConfig
+
+    assert ClusterConfig().trainer.distill == DistillConfig()
+    assert load_config(DEPLOY / "local.yaml").trainer.distill == DistillConfig()
+    # the replay publishes on steps only (deterministic); everything else is the same
+    assert OnlineConfig().distill == replace(DistillConfig(), publish_every_s=None)
+    assert DistillConfig().learning_rate == 3e-4 and DistillConfig().publish_every_steps == 16

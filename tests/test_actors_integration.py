@@ -39,10 +39,12 @@ def cluster(data_dir):
             "buffer": {"holdout_every": 4},
             "registry": {"poll_s": 0.1, "gate_margin": 0.02},
             "trainer": {
-                "lr": 1e-3,
-                "batch_records": 4,
-                "publish_every_steps": 4,
-                "publish_every_s": 10.0,
+                "distill": {
+                    "lr": 1e-3,
+                    "batch_records": 4,
+                    "publish_every_steps": 4,
+                    "publish_every_s": 10.0,
+                }
             },
         }
     )

@@ -1,10 +1,12 @@
 """The in-process online loop: the online draft beats the frozen one on a drift stream."""
 
+from dataclasses import replace
+
 import pytest
 
 from osd.buffer import EmbeddedRedis, RedisStreamBuffer
 from osd.models import load_model, load_tokenizer
-from osd.online import OnlineConfig, plot_online, run_online
+from osd.online import REPLAY_DISTILL, OnlineConfig, plot_online, run_online
 
 
 @pytest.mark.integration
@@ -16,9 +18,8 @@ def test_online_draft_learns_the_drifted_domain(tmp_path, data_dir):
         schedule="switch:instruct>sql@10",
         n=90,
         max_new_tokens=24,
-        publish_every_steps=8,
+        distill=replace(REPLAY_DISTILL, publish_every_steps=8, lr=1e-3),
         window=10,
-        lr=1e-3,
     )
     with EmbeddedRedis() as server:
         buffer = RedisStreamBuffer(server.url, maxlen=cfg.maxlen)

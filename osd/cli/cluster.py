@@ -209,8 +209,8 @@ def launch(
         fail(str(err))
     console.print(
         f"osd up at {cluster.url}: {cfg.serve.replicas} replica(s), {cfg.trainer.count} "
-        f"trainer(s), drafter {cfg.drafter} ({cfg.trainer.loss}"
-        f"{', LoRA' if cfg.trainer.lora else ''}), startup {cluster.timings}"
+        f"trainer(s), drafter {cfg.drafter} ({cfg.trainer.distill.loss}"
+        f"{', LoRA' if cfg.trainer.distill.lora else ''}), startup {cluster.timings}"
     )
     if cluster.started_ray or wait:
         try:

@@ -409,7 +409,9 @@ def online(
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters instead of the full draft.")] = (
         False
     ),
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default by mode).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default: 3e-4 full fine-tune, 1e-3 LoRA).")
+    ] = None,
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
@@ -424,11 +426,13 @@ def online(
     data_dir: DataDir = None,
 ) -> None:
     """In-process online loop on a drift stream: online vs frozen draft α per window."""
+    from dataclasses import replace
+
     import torch
 
     from osd.buffer import RedisStreamBuffer, connect
     from osd.models import load_model, load_tokenizer
-    from osd.online import OnlineConfig, plot_online, pooled_alpha, run_online
+    from osd.online import REPLAY_DISTILL, OnlineConfig, plot_online, pooled_alpha, run_online
 
     try:
         cfg = OnlineConfig(
@@ -437,9 +441,7 @@ def online(
             seed=seed,
             k=k,
             max_new_tokens=max_new_tokens,
-            loss=loss,
-            lora=lora,
-            lr=lr,
+            distill=replace(REPLAY_DISTILL, loss=loss, lora=lora, lr=lr),
             log_mode=log_mode,
             steps_per_request=steps_per_request,
         )

@@ -1,11 +1,11 @@
 """How a drafter is distilled online: the one :class:`DistillConfig` (DESIGN §4).
 
 Every place that trains — :class:`~osd.distill.trainer.OnlineDistiller`, the trainer actors
-(``trainer.distill`` in a cluster config), ``osd online`` — takes this dataclass, nested,
-with these defaults.
+(``trainer.distill`` in a cluster config, ``deploy/*.yaml``), ``osd online``
+(``OnlineConfig.distill``) — takes this dataclass, nested, with these defaults.
 
 >>> DistillConfig(lora=True).learning_rate, DistillConfig().learning_rate
-(0.001, 0.0001)
+(0.001, 0.0003)
 >>> DistillConfig(lora=True).lora_spec(base_version=2).base_version
 2
 """
@@ -20,7 +20,7 @@ from osd.distill.losses import LOSS_NAMES
 
 __all__ = ["DEFAULT_LR_FULL", "DEFAULT_LR_LORA", "DistillConfig"]
 
-DEFAULT_LR_FULL = 1e-4
+DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_LORA = 1e-3
 
 
@@ -42,7 +42,7 @@ class DistillConfig:
 
     loss: str = "fkl"  # one of LOSS_NAMES: fkl, rkl, jsd, tvd, ce
     beta: float = 0.5  # jsd only: β·KL(q||μ) + (1 − β)·KL(p||μ)
-    lr: float | None = None  # None: 1e-4 for full fine-tune, 1e-3 for LoRA
+    lr: float | None = None  # None: 3e-4 for full fine-tune, 1e-3 for LoRA
     weight_decay: float = 0.0
     batch_records: int = 8  # records per optimiser step
     max_len: int | None = None  # None: the student's own context (e.g. max_position_embeddings)
@@ -52,7 +52,7 @@ class DistillConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    publish_every_steps: int | None = 50  # M
+    publish_every_steps: int | None = 16  # M
     publish_every_s: float | None = 30.0  # T; either M or T triggers a publish
     max_steps_per_s: float | None = None  # compute budget; None: unlimited
     reclaim_idle_ms: int = 60_000  # XAUTOCLAIM threshold: well above one step's duration
