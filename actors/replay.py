@@ -11,7 +11,8 @@ and the request's α as the server reported them (``osd`` block of the response)
 >>> summarize(records)["alpha_by_domain"]                              # doctest: +SKIP
 
 α over a set of requests is pooled: Σ accepted ÷ Σ proposed (DESIGN §7), not a mean of
-per-request ratios.
+per-request ratios, over the requests that succeeded; per window it is
+:func:`osd.metrics.alpha_windows`, as in ``osd online``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from osd import metrics
 from osd.workloads.schedule import ScheduledRequest
 
 __all__ = [
@@ -181,10 +183,14 @@ def replay(
 # ---- summaries ---------------------------------------------------------------------------
 
 
+def _counts(record: ReplayRecord) -> tuple[int, int]:
+    """(accepted, proposed) of a successful request; a failed one counts for nothing."""
+    return (record.accepted, record.proposed) if record.ok else (0, 0)
+
+
 def pooled_alpha(records: Sequence[ReplayRecord]) -> float | None:
     """Σ accepted ÷ Σ proposed over the successful records (None when nothing was drafted)."""
-    proposed = sum(r.proposed for r in records if r.ok)
-    return sum(r.accepted for r in records if r.ok) / proposed if proposed else None
+    return metrics.pooled_alpha(records, _counts)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -197,18 +203,16 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 def windows(records: Sequence[ReplayRecord], size: int = 25) -> list[dict[str, Any]]:
     """Pooled α, latency and the last version per window of ``size`` requests (index order)."""
     out = []
-    for start in range(0, len(records), size):
-        chunk = records[start : start + size]
-        ok = [r for r in chunk if r.ok]
-        domains = [r.domain for r in chunk]
+    for w in metrics.alpha_windows(records, size, _counts):
+        ok = [r for r in w.rows if r.ok]
         out.append(
             {
-                "start": start,
-                "domain": max(set(domains), key=domains.count),
-                "alpha": pooled_alpha(chunk),
+                "start": w.start,
+                "domain": w.domain,
+                "alpha": w.alpha,
                 "latency_p50_s": _pct([r.latency_s for r in ok], 50),
                 "version": max((r.version for r in ok if r.version is not None), default=None),
-                "failed": len(chunk) - len(ok),
+                "failed": len(w.rows) - len(ok),
             }
         )
     return out
@@ -279,12 +283,11 @@ def plot_replay(
         ax1.scatter([r.done_s for r in rs], [r.alpha for r in rs], s=6, alpha=0.35, color=colors[d])
         ax2.scatter([r.done_s for r in rs], [r.latency_s for r in rs], s=6, color=colors[d])
     xs, ys = [], []
-    for w in range(0, len(records), window):
-        chunk = [r for r in records[w : w + window] if r.ok]
-        a = pooled_alpha(chunk)
-        if chunk and a is not None:
-            xs.append(sum(r.done_s for r in chunk) / len(chunk))
-            ys.append(a)
+    for w in metrics.alpha_windows(records, window, _counts):
+        done = [r.done_s for r in w.rows if r.ok]
+        if done and w.alpha is not None:
+            xs.append(sum(done) / len(done))
+            ys.append(w.alpha)
     ax1.plot(xs, ys, "k-o", ms=3, lw=1.5, label=f"α pooled per {window} requests")
     for s in version_swaps(records)[1:]:
         for ax in (ax1, ax2):

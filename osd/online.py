@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -29,6 +29,7 @@ from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.student import Student
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import Drafter, build_drafter, build_student
+from osd.metrics import alpha_windows, pooled_alpha
 from osd.registry import Promoter, PromotionGate, Registry
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.replay import replay_greedy
@@ -91,17 +92,16 @@ class OnlineResult:
     trainer_steps: int = 0
 
     def windows(self) -> list[dict]:
-        w = self.config.window
+        """α of the online and the frozen draft per window of ``config.window`` requests."""
         out = []
-        for start in range(0, len(self.requests), w):
-            chunk = self.requests[start : start + w]
+        for w in alpha_windows(self.requests, self.config.window, online_counts):
             out.append(
                 {
-                    "start": start,
-                    "domain": Counter(r.domain for r in chunk).most_common(1)[0][0],
-                    "alpha_online": pooled_alpha(chunk, "online"),
-                    "alpha_frozen": pooled_alpha(chunk, "frozen"),
-                    "version": chunk[-1].version,
+                    "start": w.start,
+                    "domain": w.domain,
+                    "alpha_online": w.alpha or 0.0,
+                    "alpha_frozen": pooled_alpha(w.rows, frozen_counts) or 0.0,
+                    "version": w.rows[-1].version,
                 }
             )
         return out
@@ -111,7 +111,8 @@ class OnlineResult:
         out = {}
         for d in dict.fromkeys(r.domain for r in self.requests):
             rs = [r for r in self.requests if r.domain == d][-last:]
-            on, fr = pooled_alpha(rs, "online"), pooled_alpha(rs, "frozen")
+            on = pooled_alpha(rs, online_counts) or 0.0
+            fr = pooled_alpha(rs, frozen_counts) or 0.0
             out[d] = {"gain": on - fr, "alpha_online": on, "alpha_frozen": fr, "requests": len(rs)}
         return out
 
@@ -132,10 +133,14 @@ class OnlineResult:
         }
 
 
-def pooled_alpha(rows: list[RequestLog], which: str) -> float:
-    """Accepted ÷ proposed over ``rows`` for the ``online`` or ``frozen`` draft."""
-    proposed = sum(getattr(r, f"proposed_{which}") for r in rows)
-    return sum(getattr(r, f"accepted_{which}") for r in rows) / proposed if proposed else 0.0
+def online_counts(row: RequestLog) -> tuple[int, int]:
+    """(accepted, proposed) of the online draft, for :func:`osd.metrics.pooled_alpha`."""
+    return row.accepted_online, row.proposed_online
+
+
+def frozen_counts(row: RequestLog) -> tuple[int, int]:
+    """(accepted, proposed) of the frozen draft, for :func:`osd.metrics.pooled_alpha`."""
+    return row.accepted_frozen, row.proposed_frozen
 
 
 def run_online(

@@ -431,8 +431,16 @@ def online(
     import torch
 
     from osd.buffer import RedisStreamBuffer, connect
+    from osd.metrics import pooled_alpha
     from osd.models import load_model, load_tokenizer
-    from osd.online import REPLAY_DISTILL, OnlineConfig, plot_online, pooled_alpha, run_online
+    from osd.online import (
+        REPLAY_DISTILL,
+        OnlineConfig,
+        frozen_counts,
+        online_counts,
+        plot_online,
+        run_online,
+    )
 
     try:
         cfg = OnlineConfig(
@@ -465,7 +473,8 @@ def online(
 
             def progress(entry, result):
                 w = result.requests[-cfg.window :]
-                on, fr = pooled_alpha(w, "online"), pooled_alpha(w, "frozen")
+                on = pooled_alpha(w, online_counts) or 0.0
+                fr = pooled_alpha(w, frozen_counts) or 0.0
                 bar.update(
                     task,
                     advance=1,
