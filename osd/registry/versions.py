@@ -64,16 +64,10 @@ from osd.distill.lora import LoraSpec
 from osd.distill.record import DistillRecord
 from osd.distill.student import Student
 from osd.registry.gate import (
-    AcceptanceEstimate,
     GateDecision,
     PromotionGate,
-    draft_acceptance,
-    sparse_target,
 )
 from osd.registry.store import (
-    KINDS,
-    STATUSES,
-    DiskStore,
     DrafterMeta,
     MemoryStore,
     RegistryError,
@@ -94,30 +88,7 @@ from osd.registry.weights import (
     weights_to_bytes,
 )
 
-__all__ = [
-    "KINDS",
-    "STATUSES",
-    "AcceptanceEstimate",
-    "DiskStore",
-    "DrafterMeta",
-    "GateDecision",
-    "MemoryStore",
-    "PromotionGate",
-    "Registry",
-    "RegistryError",
-    "RegistryStore",
-    "TensorSpec",
-    "VersionInfo",
-    "WeightValidationError",
-    "check_drafter_id",
-    "check_weights",
-    "checksum",
-    "draft_acceptance",
-    "sparse_target",
-    "spec_of",
-    "weights_from_bytes",
-    "weights_to_bytes",
-]
+__all__ = ["Registry"]  # the package (osd.registry) exports the rest
 
 logger = logging.getLogger(__name__)
 
