@@ -15,6 +15,9 @@ pointer. The flow of one version:
    (full weights; LoRA adapters merged onto their base version here, once) and adopt them
    between decode steps, then :meth:`report_adoption` with their pause.
 
+A drafter with nothing to train (``ngram``, ``none``) has no versions: the actor then holds
+an empty registry, reports live version 0 and refuses publishes.
+
 Runs threaded (``max_concurrency``): polls are answered while a gate evaluates; publishes
 are serialised by a lock.
 """
@@ -34,7 +37,7 @@ from osd.actors.record_sink import holdout_stream
 
 from osd.buffer import RedisStreamBuffer
 from osd.distill.record import RecordError, decode
-from osd.drafters import build_drafter, build_student
+from osd.drafters import build_drafter, build_student, drafter_spec
 from osd.models import load_model
 from osd.registry import DiskStore, Promoter, PromotionGate, Registry, checksum, weights_to_bytes
 
@@ -64,16 +67,18 @@ class RegistryActor:
         self.registry = Registry(store)
         self.drafter_id = cfg.drafter_id
         # the drafter's student (by name) is what the gate scores and the registry versions
-        drafter = build_drafter(
-            cfg.drafter, None, load_model(cfg.draft, "cpu"), lenient=True, k=cfg.k
-        )
-        self.promoter = Promoter(
-            self.registry,
-            cfg.drafter_id,
-            build_student(cfg.drafter, drafter),
-            PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
-            provenance={"source": cfg.draft},
-        )
+        self.promoter: Promoter | None = None
+        if drafter_spec(cfg.drafter).trainable:
+            drafter = build_drafter(
+                cfg.drafter, None, load_model(cfg.draft, "cpu"), lenient=True, k=cfg.k
+            )
+            self.promoter = Promoter(
+                self.registry,
+                cfg.drafter_id,
+                build_student(cfg.drafter, drafter),
+                PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
+                provenance={"source": cfg.draft},
+            )
         self.holdout_buffer = RedisStreamBuffer(
             self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
         )
@@ -87,19 +92,24 @@ class RegistryActor:
         self._serving_cache: dict[int, tuple[bytes, str]] = {}
         self.decisions: list[dict[str, Any]] = []
         self.adoptions: list[dict[str, Any]] = []
-        live = self.registry.live_version(cfg.drafter_id)
-        log.info("registry up: %s live v%d", cfg.drafter_id, live)
+        live = self.live_version(cfg.drafter_id)
+        log.info("registry up: %s (%s) live v%d", cfg.drafter_id, cfg.drafter, live)
 
     # -- reads (cheap: polled by replicas) -----------------------------------------------
     def live_version(self, drafter_id: str) -> int:
+        if self.promoter is None:
+            return 0
         return self.registry.live_version(drafter_id)
 
     def versions(self, drafter_id: str) -> list[dict[str, Any]]:
+        if self.promoter is None:
+            return []
         return [v.to_dict() for v in self.registry.versions(drafter_id)]
 
     def raw_weights(self, drafter_id: str, version: int | None = None) -> dict[str, Any]:
         """What a restarting trainer resumes from: the ``version`` (default: live), its
         ``kind``, its stored bytes (``data``) and, for a LoRA adapter, its spec (``lora``)."""
+        self._promoter(drafter_id)
         if version is None:
             info = self.registry.live(drafter_id)
         else:
@@ -109,12 +119,12 @@ class RegistryActor:
 
     def serving_weights(self, drafter_id: str, version: int) -> tuple[bytes, str]:
         """Full weights of ``version`` as safetensors bytes and their sha256."""
-        self._check_id(drafter_id)
+        promoter = self._promoter(drafter_id)
         with self._lock:
             hit = self._serving_cache.get(version)
         if hit is not None:
             return hit
-        data = weights_to_bytes(self.promoter.weights(version))
+        data = weights_to_bytes(promoter.weights(version))
         out = (data, checksum(data))
         with self._lock:
             self._serving_cache = {v: d for v, d in self._serving_cache.items() if v > version - 3}
@@ -132,24 +142,27 @@ class RegistryActor:
         lora: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate, store, gate and promote or reject one candidate; returns the decision."""
-        self._check_id(drafter_id)
+        promoter = self._promoter(drafter_id)
         with self._publish_lock:
             self._refresh_holdout(drafter_id)
-            outcome = self.promoter.submit(
+            outcome = promoter.submit(
                 data, kind, provenance, list(self.holdout), lora=lora, checksum=digest
             )
             out = {**outcome.to_dict(), "time": time.time()}
             self.decisions.append(out)
         return out
 
-    def _check_id(self, drafter_id: str) -> None:
+    def _promoter(self, drafter_id: str) -> Promoter:
         if drafter_id != self.drafter_id:
             raise ValueError(f"this registry serves {self.drafter_id!r}, not {drafter_id!r}")
+        if self.promoter is None:
+            raise ValueError(f"drafter {self.cfg.drafter!r} has no weights to version")
+        return self.promoter
 
     def _refresh_holdout(self, drafter_id: str) -> None:
         """Pull new held-out records (the gate's consumer group) into the recent window."""
         stream = holdout_stream(drafter_id)
-        vocab = self.promoter.base.vocab_size
+        vocab = None if self.promoter is None else self.promoter.base.vocab_size
         while True:
             entries = self.holdout_buffer.read(stream, count=64)
             if not entries:
@@ -192,7 +205,7 @@ class RegistryActor:
             holdout_len = -1
         return {
             "drafter_id": self.drafter_id,
-            "live_version": self.registry.live_version(self.drafter_id),
+            "live_version": self.live_version(self.drafter_id),
             "versions": self.versions(self.drafter_id),
             "decisions": list(self.decisions),
             "adoptions": adoptions,

@@ -224,3 +224,16 @@ def test_registry_actor_gates_full_and_lora_versions_and_serves_merged_weights()
             torch.testing.assert_close(merged[name], t, msg=name)
         assert CausalLMStudent(draft).vocab_size == actor.promoter.base.vocab_size
         assert len(actor.report()["decisions"]) == 2
+
+
+def test_registry_actor_of_a_weightless_drafter_holds_no_versions():
+    from osd.actors.registry_actor import RegistryActor
+
+    with EmbeddedRedis() as server:
+        cfg = {"drafter": "ngram", "buffer": {"url": server.url}, "trainer": {"count": 0}}
+        actor = RegistryActor(cfg)
+        assert actor.live_version("draft") == 0 and actor.versions("draft") == []
+        report = actor.report()
+        assert report["live_version"] == 0 and report["versions"] == []
+        with pytest.raises(ValueError, match="'ngram' has no weights to version"):
+            actor.publish("draft", b"", "full", {})
