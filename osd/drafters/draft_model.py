@@ -114,9 +114,7 @@ class DraftModelDrafter(Drafter):
         ds: _DraftSeq | None = state.draft
         if ds is None or ds.slot < 0:
             return
-        moved = self.cache.free(ds.slot)
-        if moved is not None:
-            moved.slot = ds.slot
+        self.cache.free(ds.slot)
         ds.slot = -1
 
     def propose(self, state: DecodeState, max_depth: int) -> TokenTree:

@@ -401,9 +401,7 @@ class SpeculativeDecoder:
             return
         state.released = True
         if state.slot >= 0:
-            moved = self.cache.free(state.slot)
-            if moved is not None:
-                moved.slot = state.slot
+            self.cache.free(state.slot)
             state.slot = -1
         self.drafter.release(state)
         for obs in self.observers:

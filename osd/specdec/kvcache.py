@@ -106,14 +106,16 @@ class KVCache:
 
     @torch.inference_mode()
     def free(self, slot: int) -> object | None:
-        """Release ``slot``; the last live slot moves into it. Returns the owner that moved
-        (it must now use ``slot``), or ``None``."""
+        """Release ``slot``; the last live slot moves into it and its owner's ``slot``
+        attribute is updated. Returns the owner that moved, or ``None``."""
         last = self.used - 1
         self.used -= 1
         moved = self.owners.pop()
         if slot == last:
             return None
         self.owners[slot] = moved
+        if hasattr(moved, "slot"):
+            moved.slot = slot
         for cache in (self.k, self.v):
             for t in cache:
                 t[slot] = t[last]
