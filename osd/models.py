@@ -29,17 +29,23 @@ def zoo_dir() -> Path:
 
 
 def zoo_names() -> list[str]:
-    d = zoo_dir()
-    return (
-        sorted(p.name for p in d.iterdir() if (p / "config.json").is_file()) if d.is_dir() else []
-    )
+    """Names loadable as ``zoo:NAME``: the shipped zoo and the models fetched or built into
+    the user's cache (``osd models get``)."""
+    from osd.zoo.fetch import models_dir
+
+    names = set()
+    for d in (zoo_dir(), models_dir()):
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if (p / "config.json").is_file())
+    return sorted(names)
 
 
 def resolve(name: str) -> str:
     """Map a model name to what ``from_pretrained`` takes; raise a clear error if impossible.
 
-    ``zoo:target`` → the shipped folder; an existing local path → itself; anything else
-    is treated as a Hub id and checked only when loaded.
+    ``zoo:target`` → the shipped folder; ``zoo:smollm2`` (and its ``zoo:smollm2-draft``) →
+    the user's model cache (``osd models get``, ``osd.zoo.fetch``); an existing local path →
+    itself; anything else is treated as a Hub id and checked only when loaded.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError("model name is empty; use zoo:target, zoo:draft, a local path or a Hub id")
@@ -47,8 +53,17 @@ def resolve(name: str) -> str:
         short = name[len(ZOO_PREFIX) :]
         path = zoo_dir() / short
         if not (path / "config.json").is_file():
+            from osd.zoo.fetch import REAL_MODELS, is_fetched, missing_message, model_path
+
+            if is_fetched(short):  # fetched or built into the user's cache
+                return str(model_path(short))
+            if short.removesuffix("-draft") in REAL_MODELS:
+                raise ValueError(missing_message(short))
             have = ", ".join(ZOO_PREFIX + n for n in zoo_names()) or "none (run `osd zoo build`)"
-            raise ValueError(f"unknown zoo model {name!r}; the zoo at {zoo_dir()} has: {have}")
+            raise ValueError(
+                f"unknown zoo model {name!r}; the zoo at {zoo_dir()} and the model cache have: "
+                f"{have} (`osd models get smollm2` fetches a real target)"
+            )
         return str(path)
     p = Path(name).expanduser()
     if p.exists():

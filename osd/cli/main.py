@@ -526,6 +526,14 @@ app.command()(serve)
 app.command()(launch)
 app.command()(replay)
 
+from osd.cli.models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+from osd.cli.heads import heads_app  # noqa: E402
+
+app.add_typer(heads_app, name="heads")
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()
