@@ -8,6 +8,14 @@ the new K/V at given positions of each sequence's slot, then SDPA over the slot 
 boolean mask. The weights stay the HF model's (a hot-swap loads into it, LoRA merges into
 it), so there is one copy and no conversion.
 
+Fewer, larger ops (at batch 1 on a CPU a step is mostly per-op overhead): the q/k/v
+projections run as **one** matmul and the MLP's gate/up as another, as vLLM's merged
+layers do; the model's own parameters become views of the merged weight (still one copy,
+so a ``load_state_dict``, an optimiser step or a LoRA merge in place is seen at once), and
+a layer whose parameters were replaced (``.to(device)``, a wrapper module) is merged again
+or run module by module. Rotary embedding is applied to q and k in one go, RMSNorm is
+``F.rms_norm`` (fp32 models; the same formula as HF's).
+
 One call: ``b`` sequences (slots), ``T`` new tokens each (padded)::
 
     ids        [b, T]      token ids (padding: any valid id)
@@ -26,12 +34,74 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from torch import nn
 
 from osd.specdec.kvcache import KVCache
 
 _LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# RMSNorms computing weight * x / rms(x) (Gemma's (1 + weight) is not one of them)
+_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+class Merged:
+    """Linear layers sharing an input, run as one matmul over their stacked weights; the
+    layers' own parameters are made views of the stacked ones (one copy of the weights).
+
+    >>> a, b = nn.Linear(4, 3), nn.Linear(4, 2)
+    >>> m = Merged([a, b]); x = torch.randn(5, 4)
+    >>> ya, yb = m(x)
+    >>> torch.allclose(ya, a(x)) and torch.allclose(yb, b(x))
+    True
+    >>> with torch.no_grad():
+    ...     _ = a.weight.mul_(2)  # in place: the merged weight sees it
+    >>> torch.allclose(m(x)[0], a(x)) and m.valid()
+    True
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.sizes = [ly.weight.shape[0] for ly in layers]
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([ly.weight.detach() for ly in layers])
+            self.bias = (
+                torch.cat([ly.bias.detach() for ly in layers])
+                if layers[0].bias is not None
+                else None
+            )
+            off = 0
+            for ly, n in zip(layers, self.sizes, strict=True):
+                ly.weight.data = self.weight[off : off + n]
+                if self.bias is not None:
+                    ly.bias.data = self.bias[off : off + n]
+                off += n
+        self._ptrs = [(ly.weight.data_ptr(), ly.bias) for ly in layers]
+
+    @staticmethod
+    def possible(layers: list[nn.Module]) -> bool:
+        if not all(type(ly) is nn.Linear for ly in layers):
+            return False
+        w = layers[0].weight
+        with_bias = {ly.bias is not None for ly in layers}
+        return len(with_bias) == 1 and all(
+            ly.weight.device == w.device and ly.weight.dtype == w.dtype for ly in layers
+        )
+
+    def valid(self) -> bool:
+        """Still the layers' storage (nothing replaced a parameter since)?"""
+        return all(
+            type(ly) is nn.Linear and ly.weight.data_ptr() == p and ly.bias is b
+            for ly, (p, b) in zip(self.layers, self._ptrs, strict=True)
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (HF's rotate-half convention) of ``x`` [b, T, heads, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class LeanLM:
@@ -64,6 +134,41 @@ class LeanLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.context = int(getattr(cfg, "max_position_embeddings", 1 << 20))
         self.vocab = cfg.vocab_size
+        self._merged: dict[tuple[int, str], Merged | None] = {}
+        for i in range(len(layers)):
+            self._qkv(i), self._gate_up(i)
+
+    def _merge(self, i: int, what: str, layers: list[nn.Module]) -> Merged | None:
+        m = self._merged.get((i, what))
+        if m is None or not m.valid():
+            m = Merged(layers) if Merged.possible(layers) else None
+            self._merged[(i, what)] = m
+        return m
+
+    def _qkv(self, i: int) -> Merged | None:
+        a = self.layers[i].self_attn
+        return self._merge(i, "qkv", [a.q_proj, a.k_proj, a.v_proj])
+
+    def _gate_up(self, i: int) -> Merged | None:
+        mlp = self.layers[i].mlp
+        if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return None
+        return self._merge(i, "gate_up", [mlp.gate_proj, mlp.up_proj])
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        gu = self._gate_up(i)
+        if gu is None:
+            return mlp(x)
+        g, u = gu(x)
+        return mlp.down_proj(mlp.act_fn(g) * u)
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(norm, "weight", None)
+        if type(norm).__name__ in _RMS_NORMS and w is not None and x.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
+        return norm(x)
 
     @property
     def device(self) -> torch.device:
@@ -107,25 +212,35 @@ class LeanLM:
         rows = slots[:, None]  # [b, 1]
         h = self.base.embed_tokens(ids)  # [b, T, H]
         cos, sin = self.base.rotary_emb(h, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [b, T, 1, d]
         gqa = self.kv_heads != self.heads
+        nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            x = self._norm(layer.input_layernorm, h)
+            qkv = self._qkv(i)
+            if qkv is not None:
+                y = F.linear(x, qkv.weight, qkv.bias).view(b, t, nh + 2 * nkv, hd)
+                qk = _rotate(y[:, :, : nh + nkv], cos, sin)  # q and k heads at once
+                q, k, v = qk[:, :, :nh], qk[:, :, nh:], y[:, :, nh + nkv :]  # [b, T, heads, d]
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                q = _rotate(q.view(b, t, nh, hd), cos, sin)
+                k = _rotate(k.view(b, t, nkv, hd), cos, sin)
+            v = v.view(b, t, nkv, hd)
             kc, vc = cache.k[i], cache.v[i]  # [S, kvh, Lmax, hd]
-            kc[rows, :, write_at] = k.transpose(1, 2)  # [b, T, kvh, hd]
-            vc[rows, :, write_at] = v.transpose(1, 2)
+            kc[rows, :, write_at] = k  # [b, T, kvh, hd]
+            vc[rows, :, write_at] = v
             if dense:
                 ks, vs = kc[lo : lo + b, :, :length], vc[lo : lo + b, :, :length]
             else:
                 ks, vs = kc[slots, :, :length], vc[slots, :, :length]
-            o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
+            )
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.base.norm(h)
+            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
+        h = self._norm(self.base.norm, h)
         return self.model.lm_head(h), (h if hidden else None)
 
 
