@@ -44,7 +44,7 @@ def test_levels_and_percentiles():
 
 def test_serving_bench_serves_every_prompt_at_every_level(data_dir):
     cfg = ServingBenchConfig(
-        concurrency=(1, 3), n=1, max_new_tokens=6, domains="math,sql,code", device="cpu"
+        concurrency=(1, 3), n=1, requests=3, max_new_tokens=6, domains="math,sql,code", device="cpu"
     )
     seen = []
     rep = run_serving_bench(cfg, data_dir, lambda c, done, total: seen.append((c, done, total)))

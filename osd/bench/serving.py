@@ -3,8 +3,11 @@
 One :class:`~osd.serving.ServingLoop` (in process: no HTTP, no Ray) serves every
 concurrency level of one run with the same target, drafter and prompts. At level ``c``,
 ``c`` client threads each submit a request, wait for its final :class:`~osd.serving.Delta`
-and submit the next (a closed loop), until the level's requests — every prompt once — are
-done. EOS is ignored (as in vLLM's benchmarks and ``osd bench``), so every request
+and submit the next (a closed loop), until the level's requests are done: the eval prompts
+cycled to ``requests`` (default: every prompt once, and at least 4 requests per client of
+the highest level, so the batch runs full rather than draining — a level of ``c`` requests
+at concurrency ``c`` measures one batch's tail, not serving). Every level serves the same
+list. EOS is ignored (as in vLLM's benchmarks and ``osd bench``), so every request
 generates exactly ``max_new_tokens``. Per level (DESIGN §7, serving throughput):
 
 - ``tokens_per_s``: completion tokens ÷ the level's wall time (first submit → last result);
@@ -49,7 +52,8 @@ class ServingBenchConfig:
     """One serving benchmark: the levels, the requests and the drafter (the same for all)."""
 
     concurrency: tuple[int, ...] = (1, 8, 32)
-    n: int = 4  # eval prompts per domain; every level serves each of them once
+    n: int = 4  # eval prompts per domain
+    requests: int | None = None  # per level (prompts cycled); None: max(prompts, 4 × max c)
     max_new_tokens: int = 32
     domains: str | None = None  # comma-separated, or None / "all"
     drafter: str = "draft_model"  # by name (osd.drafters.DRAFTERS)
@@ -73,6 +77,8 @@ class ServingBenchConfig:
             raise ValueError(
                 f"n and max_new_tokens must be positive, got {self.n}, {self.max_new_tokens}"
             )
+        if self.requests is not None and self.requests < 1:
+            raise ValueError(f"requests must be >= 1, got {self.requests}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         drafter_spec(self.drafter)  # an unknown name lists the known ones
@@ -169,7 +175,8 @@ def _load_prompts(cfg: ServingBenchConfig, tok, data_dir) -> list[list[int]]:
             prompts.append(tok(q.prompt, add_special_tokens=False).input_ids[-cfg.prompt_tokens :])
     if not prompts:
         raise ValueError(f"no eval prompts in {cfg.domains or 'all domains'}")
-    return prompts
+    total = cfg.requests or max(len(prompts), 4 * max(cfg.concurrency))
+    return [prompts[i % len(prompts)] for i in range(total)]
 
 
 def run_serving_bench(

@@ -260,6 +260,13 @@ def bench(
         int | None,
         typer.Option(help="--serving: the loop's max batch (default: the highest concurrency)."),
     ] = None,
+    requests: Annotated[
+        int | None,
+        typer.Option(
+            help="--serving: requests per level, the prompts cycled (default: every prompt "
+            "once and at least 4 per client of the highest level, so batches run full)."
+        ),
+    ] = None,
     target: Annotated[str, typer.Option(help="Target model.")] = "zoo:target",
     draft: Annotated[str, typer.Option(help="Draft model (ours and HF assisted).")] = ("zoo:draft"),
     threads: Annotated[
@@ -279,7 +286,17 @@ def bench(
     names = [s.strip() for s in drafters.split(",") if s.strip()] if drafters else None
     if serving:
         rep = _bench_serving(
-            workload, n, max_new_tokens, k, names, concurrency, max_batch, target, draft, data_dir
+            workload,
+            n,
+            max_new_tokens,
+            k,
+            names,
+            concurrency,
+            max_batch,
+            target,
+            draft,
+            data_dir,
+            requests,
         )
     else:
         rep = _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir)
@@ -334,7 +351,17 @@ def _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir
 
 
 def _bench_serving(
-    workload, n, max_new_tokens, k, names, concurrency, max_batch, target, draft, data_dir
+    workload,
+    n,
+    max_new_tokens,
+    k,
+    names,
+    concurrency,
+    max_batch,
+    target,
+    draft,
+    data_dir,
+    requests=None,
 ) -> dict:
     from osd.bench.serving import ServingBenchConfig, parse_levels, run_serving_bench
 
@@ -351,6 +378,7 @@ def _bench_serving(
             target=target,
             draft=draft,
             max_batch=max_batch,
+            requests=requests,
         ).validate()
     except ValueError as err:
         fail(str(err))
