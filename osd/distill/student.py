@@ -228,6 +228,12 @@ class Student:
     def predictable(self, record: DistillRecord, max_len: int | None = None) -> int:
         return predictable(record, self.limit(max_len))
 
+    def sparse_target(self, record: DistillRecord, n: int) -> SparseTarget:
+        """The logged rows that :meth:`predict`'s ``n`` rows of ``record`` are compared
+        with: rows ``0 .. n - 1`` (a head student, which predicts one position further
+        ahead, shifts them)."""
+        return sparse_target(record, self.vocab_size, n)
+
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device

@@ -10,7 +10,7 @@ A drafter that learns online also registers its **student** factory
 the registry get what to train, predict and version with :func:`build_student`, by name.
 
 >>> sorted(DRAFTERS)
-['draft_model', 'ngram', 'none']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'ngram', 'none']
 >>> build_drafter("ngram", None, k=3).k
 3
 >>> build_drafter("ngram", None, depth=3)
@@ -18,7 +18,7 @@ Traceback (most recent call last):
     ...
 ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
 >>> sorted(name for name, spec in DRAFTERS.items() if spec.trainable)
-['draft_model']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa']
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 from osd.distill.student import CausalLMStudent, Student
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters.head_specs import HEAD_SPECS
 from osd.drafters.ngram import NgramDrafter
 
 
@@ -95,6 +96,8 @@ DRAFTERS: dict[str, DrafterSpec] = {
             student=_draft_model_student,
         ),
         DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
+        # medusa, eagle, koala-medusa, koala-eagle: osd.drafters.head_specs
+        *(DrafterSpec(**spec) for spec in HEAD_SPECS),
     )
 }
 

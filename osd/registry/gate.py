@@ -67,7 +67,7 @@ def draft_acceptance(
                 n = logits.shape[0]
                 if n == 0:
                     continue
-                target = sparse_target(record, student.vocab_size, n)
+                target = student.sparse_target(record, n)
                 temperature = distill_temperature(record)
                 acc = expected_acceptance(logits.float().cpu(), target, temperature)  # [n]
                 total += float(acc.double().sum())

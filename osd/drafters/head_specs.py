@@ -1,0 +1,90 @@
+"""The head drafters' registry entries: ``medusa``, ``koala-medusa``, ``eagle``, ``koala-eagle``.
+
+Each loads its heads from ``heads=DIR`` or, by default, from the zoo
+(``osd/zoo/artifacts/heads/<name>``, written by ``osd heads train``); the ``koala-`` ones
+are the K-layer, adversarially trained heads of the same two kinds. Their student
+(:mod:`osd.distill.head_student`) trains the drafter's head module in place.
+"""
+
+from __future__ import annotations
+
+from osd.drafters.base import Drafter
+from osd.drafters.heads import heads_dir, load_heads
+
+
+def _medusa_builder(name: str):
+    def build(target=None, draft=None, heads: str | None = None, nodes: int = 32) -> Drafter:
+        from osd.drafters.medusa import MedusaDrafter
+
+        if target is None:
+            raise ValueError(f"drafter {name!r} needs the target (its heads read its states)")
+        module, config = load_heads(heads or heads_dir(name), target)
+        if config.kind != "medusa":
+            raise ValueError(f"drafter {name!r} needs medusa heads; {heads} holds {config.kind}")
+        drafter = MedusaDrafter(target, module, config, nodes=nodes)
+        drafter.name = name
+        return drafter
+
+    return build
+
+
+def _eagle_builder(name: str):
+    def build(
+        target=None,
+        draft=None,
+        heads: str | None = None,
+        depth: int = 5,
+        topk: int = 4,
+        width: int = 4,
+        nodes: int = 24,
+    ) -> Drafter:
+        from osd.drafters.eagle import EagleDrafter
+
+        if target is None:
+            raise ValueError(f"drafter {name!r} needs the target (its head reads its states)")
+        module, config = load_heads(heads or heads_dir(name), target)
+        if config.kind != "eagle":
+            raise ValueError(f"drafter {name!r} needs an eagle head; {heads} holds {config.kind}")
+        drafter = EagleDrafter(target, module, config, depth, topk, width, nodes)
+        drafter.name = name
+        return drafter
+
+    return build
+
+
+def _student(drafter: Drafter):
+    from osd.distill.head_student import head_student
+
+    return head_student(drafter)
+
+
+HEAD_SPECS: list[dict] = [
+    {
+        "name": "medusa",
+        "build": _medusa_builder("medusa"),
+        "needs_draft": False,
+        "summary": "Medusa heads on the target's hidden state: a static tree",
+        "student": _student,
+    },
+    {
+        "name": "koala-medusa",
+        "build": _medusa_builder("koala-medusa"),
+        "needs_draft": False,
+        "summary": "KOALA: K-layer Medusa heads, adversarially trained",
+        "student": _student,
+    },
+    {
+        "name": "eagle",
+        "build": _eagle_builder("eagle"),
+        "needs_draft": False,
+        "summary": "EAGLE-style autoregressive feature head: a dynamic tree",
+        "student": _student,
+    },
+    {
+        "name": "koala-eagle",
+        "build": _eagle_builder("koala-eagle"),
+        "needs_draft": False,
+        "summary": "KOALA: K-layer EAGLE-style head, adversarially trained",
+        "student": _student,
+    },
+]

@@ -1,0 +1,254 @@
+"""Head drafters (Medusa, EAGLE-style, KOALA): lossless greedy (= HF greedy, batched, 50
+prompts over the five domains) and exact sampling (chi-square) through each drafter's
+trees; offline and online head training lowers the loss and raises the acceptance
+estimate; KOALA's adversarial step updates both networks, deterministically; a head
+version with a wrong shape or NaN is refused."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from osd.distill.collect import RecordCollector
+from osd.distill.config import DistillConfig
+from osd.distill.head_student import AdversarialObjective, head_student
+from osd.distill.heads_train import HeadTrainConfig, Sequence_, train_heads
+from osd.distill.record import LogConfig, LogMode
+from osd.drafters import DRAFTERS, build_drafter, build_student
+from osd.drafters.eagle import EagleDrafter
+from osd.drafters.heads import EagleHead, HeadConfig, MedusaHeads
+from osd.drafters.medusa import MedusaDrafter, medusa_tree
+from osd.models import load_model, load_tokenizer
+from osd.registry.gate import draft_acceptance
+from osd.registry.versions import Registry
+from osd.registry.weights import WeightValidationError
+from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.workloads.datasets import DOMAINS, load_domain
+
+HEAD_DRAFTERS = ["medusa"]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return load_model("zoo:target"), load_tokenizer("zoo:target")
+
+
+@pytest.fixture(scope="module")
+def cases(zoo, data_dir):
+    """50 eval prompts, 10 per domain, ragged lengths, with their HF greedy references."""
+    target, tok = zoo
+    out = []
+    for d in DOMAINS:
+        for i, q in enumerate(load_domain(d, "eval", data_dir)[:10]):
+            ids = tok(q.prompt, add_special_tokens=False).input_ids[-(12 + 5 * i) :]
+            with torch.inference_mode():
+                ref = target.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=16,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )[0, len(ids) :].tolist()
+            out.append((ids, ref))
+    return out
+
+
+def _decode_all(dec, prompts, budget, sampling=None):
+    """All prompts in one batch (continuous: each released when done); per-state stats."""
+    states = [
+        dec.start(p, budget, sampling(i) if sampling else None) for i, p in enumerate(prompts)
+    ]
+    stats = [DecodeStats() for _ in states]
+    live = list(range(len(states)))
+    while live:
+        dec.step_batch([states[i] for i in live], [stats[i] for i in live])
+        for i in live:
+            if states[i].finished:
+                dec.release(states[i])
+        live = [i for i in live if not states[i].finished]
+    assert dec.cache.used == 0
+    return states, stats
+
+
+def test_head_drafters_are_registered_and_trainable():
+    assert set([*HEAD_DRAFTERS, "koala-medusa", "eagle", "koala-eagle"]) <= {
+        n for n, s in DRAFTERS.items() if s.trainable
+    }
+
+
+def test_medusa_tree_grows_by_expected_length():
+    acc = [[0.6, 0.2, 0.1], [0.4, 0.1, 0.05], [0.3, 0.1, 0.0]]
+    paths = medusa_tree(acc, 6)
+    assert paths == [(0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)]
+    # products: .6, .2, .1, .24, .08, .072 — the 6 largest; (0, 1) = .06 is left out
+    assert all(p[:-1] in paths for p in paths if len(p) > 1)
+
+
+@pytest.mark.parametrize("name", HEAD_DRAFTERS)
+def test_greedy_equals_hf_greedy_batched(zoo, cases, name):
+    target, tok = zoo
+    dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
+    states, stats = _decode_all(dec, [c[0] for c in cases], 16)
+    for s, (_, ref) in zip(states, cases, strict=True):
+        assert s.tokens[s.prompt_len :] == ref
+    total = DecodeStats()
+    for st in stats:
+        total.merge(st)
+    assert total.tau > 1.3, f"{name}: the shipped heads should be accepted (τ {total.tau:.2f})"
+
+
+def test_one_token_prompt_and_depth_caps(zoo):
+    target, tok = zoo
+    for name in HEAD_DRAFTERS:
+        dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
+        with torch.inference_mode():
+            ref = target.generate(torch.tensor([[5]]), max_new_tokens=7, do_sample=False)
+        assert dec.generate([5], max_new_tokens=6).tokens == ref[0, 1:7].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAD_DRAFTERS)
+def test_sampling_through_head_trees_is_exact(zoo, name):
+    """First two sampled tokens (T = 1, top-k 8) vs the target's exact joint, chi-square."""
+    target, tok = zoo
+    sp = SamplingParams(temperature=1.0, top_k=8)
+    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)
+        firsts = q1.nonzero().flatten().tolist()
+        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
+    joint = {
+        (x, y): float(q1[x] * q2[i, y])
+        for i, x in enumerate(firsts)
+        for y in q2[i].nonzero().flatten().tolist()
+    }
+    dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
+    n, counts, accepted = 1200, {}, 0
+    for lo in range(0, n, 300):
+        states, stats = _decode_all(
+            dec, [ids] * 300, 3, lambda i, lo=lo: SamplingParams(1.0, 8, seed=lo + i)
+        )
+        for s, st in zip(states, stats, strict=True):
+            key = tuple(s.tokens[s.prompt_len : s.prompt_len + 2])
+            counts[key] = counts.get(key, 0) + 1
+            accepted += st.accepted
+    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
+    assert set(counts) <= set(joint)
+    big = [k for k, p in joint.items() if p * n >= 5]
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def _fresh(target, kind, layers=1, adversarial=False):
+    cfg = HeadConfig(kind, 288, 4096, layers=layers, adversarial=adversarial)
+    torch.manual_seed(0)
+    if kind == "medusa":
+        return MedusaDrafter(target, MedusaHeads(288, 4, layers), cfg)
+    return EagleDrafter(target, EagleHead(target.config, layers), cfg)
+
+
+@pytest.fixture(scope="module")
+def stream(zoo, data_dir):
+    """Records of a short greedy stream (all positions, with hidden states)."""
+    target, tok = zoo
+    col = RecordCollector(LogConfig(mode=LogMode.ALL, k=16, hidden=True))
+    dec = SpeculativeDecoder(target, None, tok, observers=[col])
+    recs = []
+    for d in DOMAINS:
+        for i, q in enumerate(load_domain(d, "train", data_dir)[:3]):
+            ids = tok(q.prompt, add_special_tokens=False).input_ids[-40:]
+            st = dec.start(ids, 24)
+            while not st.finished:
+                dec.step(st)
+            dec.release(st)
+            recs.append(col.finish(st, f"{d}{i}", "medusa", 0, d))
+    return [r for r in recs if r is not None]
+
+
+def _train_online(student, records, steps, config=None):
+    config = config or DistillConfig()
+    obj = student.objective(config)
+    opt = torch.optim.Adam(student.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        student.module.train()
+        logits = student.predict(records)
+        loss = obj.loss(logits, records).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj.after_step([lg.detach() for lg in logits], records)
+        losses.append(float(loss.detach()))
+    return losses, obj
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_online_head_training_lowers_loss_and_raises_acceptance(zoo, stream, kind):
+    target, _ = zoo
+    student = head_student(_fresh(target, kind))
+    assert all(r.hidden is not None for r in stream)
+    before = draft_acceptance(student, stream)
+    losses, _ = _train_online(student, stream, 25)
+    after = draft_acceptance(student, stream)
+    assert before.positions > 100 and losses[-1] < losses[0]
+    assert after.mean > before.mean + 0.05, (before, after)
+
+
+def test_offline_warm_start_lowers_validation_loss(zoo, tmp_path):
+    target, tok = zoo
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        seqs = []
+        for _ in range(12):
+            ids = torch.randint(4, 4096, (30,), generator=g)
+            out = target.generate(ids[None], max_new_tokens=20, do_sample=False)[0]
+            feats = target.model(input_ids=out[None]).last_hidden_state[0].clone()
+            seqs.append(Sequence_(out.clone(), feats, 30))
+    for kind in ("medusa", "eagle"):
+        cfg = HeadTrainConfig(kind=kind, epochs=3, batch=4, held_out=0.25, lr=3e-3)
+        _, hc, info = train_heads(target, tok, cfg, tmp_path / kind, seqs=seqs)
+        assert info["val_loss_after"] < info["val_loss_before"]
+        assert (tmp_path / kind / "heads.safetensors").is_file() and hc.accuracy
+        again = build_drafter(kind, target, heads=str(tmp_path / kind))
+        assert again.state_dict().keys() == (_fresh(target, kind).state_dict().keys())
+
+
+def test_adversarial_step_updates_both_networks_deterministically(zoo, stream):
+    target, _ = zoo
+    runs = []
+    for _ in range(2):
+        student = head_student(_fresh(target, "medusa", layers=2, adversarial=True))
+        w0 = {k: v.clone() for k, v in student.module.state_dict().items()}
+        obj = student.objective(DistillConfig())
+        assert isinstance(obj, AdversarialObjective)
+        d0 = {k: v.clone() for k, v in obj.disc.state_dict().items()}
+        _, obj = _train_online(student, stream[:4], 2)
+        w1, d1 = student.module.state_dict(), obj.disc.state_dict()
+        assert any(not torch.equal(w0[k], w1[k]) for k in w0), "the head did not move"
+        assert any(not torch.equal(d0[k], d1[k]) for k in d0), "the discriminator did not move"
+        runs.append((w1, d1))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", HEAD_DRAFTERS)
+def test_head_version_with_wrong_shape_or_nan_is_refused(zoo, name):
+    target, _ = zoo
+    drafter = build_drafter(name, target)
+    student = build_student(name, drafter)
+    reg = Registry()
+    base = student.export().weights
+    reg.register_base(name, base)
+    key = sorted(base)[0]
+    bad_shape = dict(base, **{key: torch.zeros(*base[key].shape[:-1], base[key].shape[-1] + 1)})
+    nan = {k: v.clone() for k, v in base.items()}
+    nan[key].view(-1)[0] = float("nan")
+    for weights, msg in ((bad_shape, "shape"), (nan, "NaN")):
+        with pytest.raises(WeightValidationError, match=msg):
+            reg.publish(name, weights)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the drafter refuses it too
+        drafter.load_state_dict(bad_shape, 1)
+    assert [v.version for v in reg.versions(name)] == [0]
