@@ -3,7 +3,9 @@
 Each replica owns an :class:`osd.serving.ServingLoop` (target + drafter, speculative
 decoding with continuous batching, hot-swaps between steps) and wires it to:
 
-- HTTP (FastAPI ingress): ``POST /v1/completions`` (JSON or server-sent events),
+- HTTP (FastAPI ingress): ``POST /v1/completions`` and ``POST /v1/chat/completions``
+  (messages through the target's chat template; ``osd.actors.chat_api``; JSON or
+  server-sent events),
   ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), and
   ``GET /v1/osd/stats`` (this replica's version, swaps and record counts);
 - the buffer: a :class:`~osd.actors.record_sink.RecordSink` writes each finished
@@ -28,11 +30,13 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from osd.actors.chat_api import chat_chunk, chat_response, new_chat_id, parse_chat, render_chat
 from osd.actors.config import REGISTRY_ACTOR, ClusterConfig, runtime_env
 from osd.actors.metrics import CONTENT_TYPE_LATEST, ReplicaMetrics
 from osd.actors.openai_api import (
@@ -252,12 +256,41 @@ class OSDServer:
             serve_req = self._to_request(params)
         except ApiError as err:
             return _error(err)
+        return await self._serve(serve_req, params.stream, completion_chunk, completion_response)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """Messages through the target's chat template, then as ``/v1/completions``."""
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return _error(ApiError(f"the request body is not valid JSON: {err}"))
+        try:
+            chat = parse_chat(body, self.cfg.model_name)
+            ids = render_chat(self.tokenizer, chat.messages)
+            serve_req = self._to_request(replace(chat.completion, prompt=ids))
+        except ApiError as err:
+            return _error(err)
+        serve_req = replace(serve_req, request_id=new_chat_id())
+        first = [True]
+
+        def chunk(cid, model, text, result=None, drafter_id=""):
+            doc = chat_chunk(cid, model, text, result, drafter_id, first=first[0])
+            first[0] = False
+            return doc
+
+        return await self._serve(serve_req, chat.completion.stream, chunk, chat_response)
+
+    async def _serve(self, serve_req: ServeRequest, stream: bool, chunk, response) -> Response:
+        """Submit to the loop; answer with ``response(...)`` or stream ``chunk(...)``s."""
         cid = serve_req.request_id
         events: asyncio.Queue[Delta] = asyncio.Queue()
         aloop = asyncio.get_running_loop()
         self.loop.submit(serve_req, lambda d: aloop.call_soon_threadsafe(events.put_nowait, d))
-        if params.stream:
-            return StreamingResponse(self._stream(cid, events), media_type="text/event-stream")
+        if stream:
+            return StreamingResponse(
+                self._stream(cid, events, chunk), media_type="text/event-stream"
+            )
         try:
             while True:
                 delta = await events.get()
@@ -269,11 +302,9 @@ class OSDServer:
         if delta.error is not None:
             return self._failure(delta.error)
         self.metrics.observe_result(delta.result)
-        return JSONResponse(
-            completion_response(cid, self.cfg.model_name, delta.result, self.cfg.drafter_id)
-        )
+        return JSONResponse(response(cid, self.cfg.model_name, delta.result, self.cfg.drafter_id))
 
-    async def _stream(self, cid: str, events: asyncio.Queue[Delta]):
+    async def _stream(self, cid: str, events: asyncio.Queue[Delta], chunk=completion_chunk):
         model, finished = self.cfg.model_name, False
         try:
             while True:
@@ -283,12 +314,9 @@ class OSDServer:
                     break
                 if delta.result is not None:
                     self.metrics.observe_result(delta.result)
-                    chunk = completion_chunk(
-                        cid, model, delta.text, delta.result, self.cfg.drafter_id
-                    )
-                    yield sse(chunk)
+                    yield sse(chunk(cid, model, delta.text, delta.result, self.cfg.drafter_id))
                     break
-                yield sse(completion_chunk(cid, model, delta.text))
+                yield sse(chunk(cid, model, delta.text))
             finished = True
             yield sse("[DONE]")
         finally:
