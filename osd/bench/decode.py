@@ -60,6 +60,8 @@ def _drafter_methods(name: str, k: int) -> list[Method]:
             Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
             Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
         ]
+    if "k" not in drafter_spec(name).options():  # head drafters: their own tree, row = name
+        return [Method(name, "ours", name)]
     return [Method(f"ours {name} k={k}", "ours", name, k=k)]
 
 
