@@ -57,12 +57,27 @@ def zoo_build(
             help="'draft': rebuild only the draft, from the tokenizer and target already in --out."
         ),
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="A real target (smollm2): distil only a draft for it, into the model cache "
+            "as zoo:NAME-draft (see `osd models`)."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="--target: training steps (default 150).")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Train the tokenizer, the target (all domains) and the draft (prose + instruct)."""
+    """Train the tokenizer, the target (all domains) and the draft (prose + instruct);
+    with --target, only a draft for that real target."""
     from osd.models import ZOO_DIR
     from osd.zoo.build import PRESETS, build_zoo
 
+    if target is not None:
+        from osd.cli.models import build_real_draft
+
+        return build_real_draft(target, out, seed, steps, data_dir)
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     out = out or ZOO_DIR
@@ -441,6 +456,9 @@ def online(
         float | None, typer.Option(help="Learning rate (default: 3e-4 full fine-tune, 1e-3 LoRA).")
     ] = None,
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
+    drafter: Annotated[
+        str, typer.Option(help="A trainable drafter: draft_model, medusa, eagle, koala-….")
+    ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
     log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
@@ -472,6 +490,7 @@ def online(
 
     try:
         cfg = OnlineConfig(
+            drafter=drafter,
             schedule=schedule,
             n=n,
             seed=seed,
@@ -553,10 +572,6 @@ app.command()(demo)
 app.command()(serve)
 app.command()(launch)
 app.command()(replay)
-
-from osd.cli.heads import heads_app  # noqa: E402
-
-app.add_typer(heads_app, name="heads")
 
 from osd.cli.models import models_app  # noqa: E402
 

@@ -45,3 +45,62 @@ def models_list() -> None:
             what = spec.source if n == name else f"its draft (`osd zoo build --target {name}`)"
             table.add_row(n, what, "yes" if is_fetched(n) else "no", str(model_path(n)))
     console.print(table)
+
+
+def build_real_draft(target: str, out, seed: int, steps: int | None, data_dir) -> None:
+    """``osd zoo build --target NAME``: distil a draft for a fetched real target."""
+    import time
+    from dataclasses import replace
+
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from osd.models import load_model, load_tokenizer
+    from osd.zoo.fetch import REAL_MODELS, model_path
+    from osd.zoo.real_draft import RealDraftSpec, train_real_draft
+
+    name = target.removeprefix("zoo:")
+    if name not in REAL_MODELS:
+        fail(f"--target takes a real model ({', '.join(REAL_MODELS)}), got {target!r}")
+    try:
+        model, tok = load_model(f"zoo:{name}", "cpu"), load_tokenizer(f"zoo:{name}")
+    except ValueError as err:
+        fail(str(err))
+    spec = replace(RealDraftSpec(), seed=seed, **({"steps": steps} if steps else {}))
+    out = out or model_path(f"{name}-draft")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} KL {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    console.print(f"distilling a {spec.layers}-layer draft from zoo:{name} into {out} …")
+    start = time.perf_counter()
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train draft", total=spec.steps, loss=float("nan"))
+        try:
+            info = train_real_draft(
+                model,
+                tok,
+                out,
+                spec,
+                progress=lambda stage, step, total, loss: bar.update(
+                    task, completed=step, loss=loss
+                ),
+                meta={"target": f"zoo:{name}"},
+                data_dir=data_dir,
+            )
+        except FileNotFoundError as err:
+            fail(str(err))
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s (training {info['train_seconds']:.0f} s, "
+        f"final KL {info['final_train_kl']:.3f}); shortlist {info['shortlist']} tokens cover "
+        f"{100 * info['shortlist_coverage']:.1f}% of the training tokens; load it as "
+        f"zoo:{name}-draft"
+    )

@@ -30,7 +30,7 @@ from typing import Any
 
 from osd.distill.student import CausalLMStudent, Student
 from osd.drafters.base import DecodeState, Drafter, StepResult
-from osd.drafters.draft_model import DraftModelDrafter
+from osd.drafters.draft_model import DraftModelDrafter, draft_shortlist
 from osd.drafters.head_specs import HEAD_SPECS
 from osd.drafters.ngram import NgramDrafter
 
@@ -70,10 +70,14 @@ def _draft_model(
     k: int = 4,
     tree: str | tuple[int, ...] | None = None,
     without_replacement: bool = True,
+    shortlist: bool = False,
 ) -> Drafter:
     if draft is None:
         raise ValueError("drafter 'draft_model' needs a draft model (--draft zoo:draft)")
-    return DraftModelDrafter(draft, k=k, tree=tree, without_replacement=without_replacement)
+    ids = draft_shortlist(draft) if shortlist else None
+    return DraftModelDrafter(
+        draft, k=k, tree=tree, without_replacement=without_replacement, shortlist=ids
+    )
 
 
 def _draft_model_student(drafter: Drafter) -> Student:

@@ -17,12 +17,19 @@ position-indexed cache (:mod:`osd.specdec.kvcache`) and the same lean forward as
 target (:mod:`osd.specdec.lean`). The cache holds the committed tokens plus the fed tree
 levels; after acceptance the accepted nodes it holds move next to the root (a chain's are
 already there) and the rest is past the length, i.e. gone.
+
+Frequent-token shortlist (FR-Spec, ``shortlist=ids``): a small draft's cost is mostly its
+LM head over the whole vocabulary; with a shortlist the head runs over those rows only and
+the chosen rows map back to target ids (sampling: the draft's distribution is zero outside
+the shortlist). Acceptance is unchanged, so the output stays exactly the target's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -77,6 +84,40 @@ class _Shape:
         return cls(parents, levels, ancestor_matrix(torch.tensor(parents)))
 
 
+SHORTLIST_FILE = "shortlist.json"
+
+
+def draft_shortlist(draft) -> list[int]:
+    """The frequent-token shortlist saved beside a draft (``shortlist.json``, target ids;
+    written by ``osd zoo build --target NAME``)."""
+    folder = Path(getattr(draft, "name_or_path", "") or draft.config.name_or_path or ".")
+    path = folder / SHORTLIST_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"the draft at {folder} has no {SHORTLIST_FILE}; `osd zoo build --target smollm2` "
+            "writes one with its draft"
+        )
+    return [int(t) for t in json.loads(path.read_text())]
+
+
+class _ShortlistHead(torch.nn.Module):
+    """The draft seen through the rows of its LM head that a shortlist keeps (FR-Spec):
+    the same decoder modules, a head over ``ids`` only; refreshed on every weight load."""
+
+    def __init__(self, model, ids: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.config, self.ids = model.model, model.config, ids
+        self.full_head = model.lm_head
+        w = model.lm_head.weight
+        self.lm_head = torch.nn.Linear(w.shape[1], len(ids), bias=False, device=w.device)
+        self.lm_head.to(w.dtype)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.lm_head.weight.copy_(self.full_head.weight[self.ids.to(self.full_head.weight.device)])
+
+
 class DraftModelDrafter(Drafter):
     name = "draft_model"
 
@@ -86,7 +127,10 @@ class DraftModelDrafter(Drafter):
         k: int = 4,
         tree: str | tuple[int, ...] | None = None,
         without_replacement: bool = True,
+        shortlist: Sequence[int] | None = None,
     ) -> None:
+        """``shortlist``: target token ids the draft may propose (FR-Spec); its LM head
+        then runs over those rows only, and its choices map back to the target's ids."""
         super().__init__()
         if tree is None:
             if not isinstance(k, int) or k <= 0:
@@ -95,7 +139,14 @@ class DraftModelDrafter(Drafter):
         self.branching = parse_tree(tree)
         self.shape = _Shape.of(self.branching)
         self.model = model.eval()
-        self.lm = LeanLM(model)
+        self.vocab = int(model.config.vocab_size)
+        self.short = None
+        if shortlist is not None:
+            ids = torch.tensor(sorted(set(int(t) for t in shortlist)), dtype=torch.long)
+            if len(ids) == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.vocab:
+                raise ValueError(f"shortlist ids must lie in [0, {self.vocab}) and be non-empty")
+            self.short = _ShortlistHead(model, ids)
+        self.lm = LeanLM(self.short if self.short is not None else model)
         self.without_replacement = without_replacement
         self.context = self.lm.context
         self.cache = self.lm.new_cache(extra=len(self.shape.parents) + 1)
@@ -129,12 +180,19 @@ class DraftModelDrafter(Drafter):
     ) -> tuple[list[int], torch.Tensor | None]:
         """c child tokens of one node and the distribution they were drawn from."""
         if sampling.greedy:
-            return logits.topk(c).indices.tolist(), None
-        p = warp_probs(logits, sampling)  # [V]
+            return self._ids(logits.topk(c).indices).tolist(), None
+        p = warp_probs(logits, sampling)  # [V] (or [shortlist])
         replace = not self.without_replacement
         if not replace:
             c = min(c, int((p > 0).sum()))
-        return torch.multinomial(p, c, replacement=replace, generator=gen).tolist(), p
+        kids = torch.multinomial(p, c, replacement=replace, generator=gen)
+        if self.short is not None:  # the draft's distribution over the target's vocabulary
+            p = p.new_zeros(self.vocab).index_copy_(0, self.short.ids.to(p.device), p)
+        return self._ids(kids).tolist(), p
+
+    def _ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Draft head rows → target token ids (the identity without a shortlist)."""
+        return idx if self.short is None else self.short.ids.to(idx.device)[idx]
 
     def _catch_up(self, states: Sequence[DecodeState]) -> torch.Tensor:
         """Feed each sequence the committed tokens its cache lacks (the root at least);
@@ -198,7 +256,7 @@ class DraftModelDrafter(Drafter):
         for d in range(deepest):
             c = self.branching[d]
             if greedy:  # one top-c for every open node of every sequence
-                kids = frontier.topk(c, dim=-1).indices.reshape(len(act), -1)  # [a, w]
+                kids = self._ids(frontier.topk(c, dim=-1).indices).reshape(len(act), -1)
             else:
                 rows = []
                 for i, s in enumerate(act):
@@ -254,4 +312,6 @@ class DraftModelDrafter(Drafter):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict, strict=True)
+        if self.short is not None:
+            self.short.refresh()
         self.version = version
