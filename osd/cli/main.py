@@ -456,9 +456,6 @@ def online(
         float | None, typer.Option(help="Learning rate (default: 3e-4 full fine-tune, 1e-3 LoRA).")
     ] = None,
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
-    drafter: Annotated[
-        str, typer.Option(help="A trainable drafter: draft_model, medusa, eagle, koala-….")
-    ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
     log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
@@ -490,7 +487,6 @@ def online(
 
     try:
         cfg = OnlineConfig(
-            drafter=drafter,
             schedule=schedule,
             n=n,
             seed=seed,
@@ -572,6 +568,10 @@ app.command()(demo)
 app.command()(serve)
 app.command()(launch)
 app.command()(replay)
+
+from osd.cli.heads import heads_app  # noqa: E402
+
+app.add_typer(heads_app, name="heads")
 
 from osd.cli.models import models_app  # noqa: E402
 
