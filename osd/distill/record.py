@@ -543,20 +543,14 @@ def build_record(
         )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecordError(f"k must be an int >= 1, got {k!r}")
-    k = min(k, logits.shape[1])
-    with torch.no_grad():
-        logp = torch.log_softmax(logits.detach().float(), dim=-1)  # [m, V]
-        if torch.isnan(logp).any():
-            raise RecordError("logits contain NaN or +inf; refusing to log them")
-        top_lp, top_ids = torch.topk(logp, k, dim=-1)  # [m, k], sorted descending
-        # tail mass summed directly over the non-top-k tokens: no 1 - Σ cancellation
-        rest = logp.scatter(-1, top_ids, float("-inf"))
-        tail = torch.logsumexp(rest, dim=-1)  # [m]; -inf when k == V
-        top_lp = top_lp.clamp(LOG_FLOOR, 0.0)
-        tail = tail.nan_to_num(neginf=LOG_FLOOR).clamp(LOG_FLOOR, 0.0)
-        hid = None
-        if hidden is not None:
-            hid = hidden.detach().to(device="cpu", dtype=torch.float16).numpy()
+    if bool(torch.isnan(logits).any() | (logits == float("inf")).any()):
+        raise RecordError("logits contain NaN or +inf; refusing to log them")
+    from osd.kernels import topk_tail as extract  # the Triton kernel on CUDA, else topk_tail
+
+    top_ids, top_lp, tail = extract(logits.detach(), k)
+    hid = None
+    if hidden is not None:
+        hid = hidden.detach().to(device="cpu", dtype=torch.float16).numpy()
     record = DistillRecord(
         request_id=request_id,
         domain=domain,
@@ -568,7 +562,7 @@ def build_record(
         topk_ids=top_ids.cpu().numpy().astype(np.int32),
         topk_logprobs=top_lp.cpu().numpy().astype(np.float16),
         # fp16 precision (like the top-k log-probs): 2 bytes per position on the wire
-        tail_logmass=tail.cpu().numpy().astype(np.float16).astype(np.float32),
+        tail_logmass=tail.cpu().numpy().astype(np.float32),
         hidden=hid,
         created=time.time() if created is None else created,
         meta=dict(meta or {}),
@@ -578,6 +572,30 @@ def build_record(
     )
     validate(record, vocab_size=logits.shape[1])
     return record
+
+
+def topk_tail(
+    logits: torch.Tensor, k: int, log_floor: float = LOG_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a record keeps of ``[m, V]`` logits: ``(ids [m, k] int64, logprobs [m, k] fp16
+    sorted descending, tail [m] fp16)``, log-probs at T = 1 clamped to ``[log_floor, 0]``;
+    ``k`` is capped at ``V`` (then the tail is ``log_floor``). The PyTorch reference of
+    the Triton kernel ``osd.kernels.topk.topk_tail``.
+
+    >>> ids, lp, tail = topk_tail(torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]])), 2)
+    >>> ids.tolist(), [round(x, 2) for x in lp.float().exp()[0].tolist()], round(float(tail), 2)
+    ([[4, 3]], [0.5, 0.2], -1.2)
+    """
+    k = min(int(k), logits.shape[1])
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)  # [m, V]
+        top_lp, top_ids = torch.topk(logp, k, dim=-1)  # [m, k], sorted descending
+        # tail mass summed directly over the non-top-k tokens: no 1 - Σ cancellation
+        rest = logp.scatter(-1, top_ids, float("-inf"))
+        tail = torch.logsumexp(rest, dim=-1)  # [m]; -inf when k == V
+        top_lp = top_lp.clamp(log_floor, 0.0)
+        tail = tail.nan_to_num(neginf=log_floor).clamp(log_floor, 0.0)
+    return top_ids, top_lp.half(), tail.half()
 
 
 def dense_target(record: DistillRecord, vocab_size: int) -> torch.Tensor:

@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from osd.distill.lora import LoraSpec, adapter_state_dict, load_adapter, wrap_lora
-from osd.distill.losses import SparseTarget, distill_loss
+from osd.distill.losses import SparseTarget
 from osd.distill.record import DistillRecord
+from osd.kernels import sparse_distill_loss
 
 if TYPE_CHECKING:
     from osd.distill.config import DistillConfig
@@ -164,7 +165,8 @@ class Objective:
 class KDObjective(Objective):
     """Knowledge distillation on the sparse top-k target: :func:`~osd.distill.losses.distill_loss`
     ``name`` (``fkl``, ``rkl``, ``jsd``, ``tvd``, ``ce``) at every predicted position, at
-    each record's :func:`distill_temperature`."""
+    each record's :func:`distill_temperature` (the fused Triton loss on CUDA,
+    :func:`osd.kernels.sparse_distill_loss`)."""
 
     def __init__(self, name: str = "fkl", beta: float = 0.5) -> None:
         self.name = name
@@ -176,7 +178,7 @@ class KDObjective(Objective):
             if lg.shape[0] == 0:
                 continue
             target = _to(sparse_target(rec, lg.shape[-1], lg.shape[0]), lg.device)
-            per_pos = distill_loss(
+            per_pos = sparse_distill_loss(
                 self.name,
                 lg,
                 target,

@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.kernels import accept_greedy_batch, accept_sampling_batch
 from osd.specdec.accept import AcceptResult, accept_typical
-from osd.specdec.accept_batch import accept_greedy_batch, accept_sampling_batch
 from osd.specdec.kvcache import moves
 from osd.specdec.lean import LeanLM, causal_mask
 from osd.specdec.ledger import Ledger
