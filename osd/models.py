@@ -66,6 +66,8 @@ def resolve(name: str) -> str:
             )
         return str(path)
     p = Path(name).expanduser()
+    if not p.exists() and _real_name(name):  # `--target smollm2` means zoo:smollm2
+        return resolve(ZOO_PREFIX + name)
     if p.exists():
         if not (p / "config.json").is_file():
             raise ValueError(
@@ -75,6 +77,28 @@ def resolve(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"model path {name!r} does not exist")
     return name
+
+
+def _real_name(name: str) -> bool:
+    from osd.zoo.fetch import REAL_MODELS
+
+    return name.removesuffix("-draft") in REAL_MODELS
+
+
+def default_draft(target: str) -> str:
+    """The draft that goes with ``target``: ``zoo:NAME-draft`` for a real target (``smollm2``
+    or ``zoo:smollm2``; built by ``osd zoo build --target NAME``), else ``zoo:draft``.
+
+    >>> default_draft("smollm2"), default_draft("zoo:target")
+    ('zoo:smollm2-draft', 'zoo:draft')
+    """
+    short = target.removeprefix(ZOO_PREFIX)
+    return f"{ZOO_PREFIX}{short}-draft" if _real_name(short) else f"{ZOO_PREFIX}draft"
+
+
+def is_real(target: str) -> bool:
+    """Whether ``target`` names a real pretrained target (``smollm2``, ``zoo:smollm2``)."""
+    return _real_name(target.removeprefix(ZOO_PREFIX)) and not target.endswith("-draft")
 
 
 def _hub_error(name: str, err: Exception) -> ValueError:

@@ -43,9 +43,11 @@ class Method:
     k: int = 4
     tree: str | None = None
     adaptive: bool = False
+    shortlist: bool = False  # draft over the draft's frequent-token shortlist (FR-Spec)
 
 
 DEFAULT_DRAFTERS = ("draft_model", "ngram")
+SHORTLIST_VARIANT = "draft_model+shortlist"
 
 
 def _drafter_methods(name: str, k: int) -> list[Method]:
@@ -53,6 +55,17 @@ def _drafter_methods(name: str, k: int) -> list[Method]:
     drafter with no variants listed here, so every registered drafter can be benched."""
     if name == "none":
         return []  # "ours target_only" is always run
+    if name == SHORTLIST_VARIANT:  # a draft with a shortlist.json (osd zoo build --target)
+        return [
+            Method(f"ours draft chain k={k} shortlist", "ours", "draft_model", k=k, shortlist=True),
+            Method(
+                "ours draft tree 2,2,1 shortlist",
+                "ours",
+                "draft_model",
+                tree="2,2,1",
+                shortlist=True,
+            ),
+        ]
     if name == "draft_model":
         return [
             Method(f"ours draft chain k={k}", "ours", "draft_model", k=k),
@@ -70,7 +83,7 @@ def default_methods(k: int = 4, drafters: Sequence[str] = DEFAULT_DRAFTERS) -> l
     drafter named in ``drafters`` (HF assisted generation too when ``draft_model`` is one:
     the peer of our draft chain)."""
     for name in drafters:
-        drafter_spec(name)  # an unknown name lists the known ones
+        drafter_spec(name.removesuffix("+shortlist"))  # an unknown name lists the known ones
     methods = [Method("target_only (HF)", "hf")]
     if "draft_model" in drafters:
         methods.append(Method(f"hf_assisted k={k}", "hf_assisted", k=k))
@@ -124,8 +137,9 @@ def _runner(
             return out[0, len(ids) :].tolist(), None, None
 
         return run
+    extra = {"shortlist": True} if method.shortlist else {}
     drafter = build_drafter(
-        method.drafter, target, draft, lenient=True, k=method.k, tree=method.tree
+        method.drafter, target, draft, lenient=True, k=method.k, tree=method.tree, **extra
     )
     controller = SpeculationController(k_max=method.k) if method.adaptive else None
     dec = SpeculativeDecoder(target, drafter, tok, controller=controller)
@@ -214,6 +228,7 @@ def _report(
             "k": m.k,
             "tree": m.tree,
             "adaptive": m.adaptive,
+            "shortlist": m.shortlist,
             "tokens_per_s": tps,
             "speedup": tps / base_tps,
             "matches_target": t.matches,

@@ -74,6 +74,13 @@ def demo(
     throughput_requests: Annotated[
         int, typer.Option(help="Requests per throughput phase (trainer paused / running).")
     ] = 16,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Target (overrides the topology's): e.g. smollm2, served with its zoo draft "
+            "(`osd models get smollm2`, `osd zoo build --target smollm2`)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     port: PortOpt = None,
     json_out: Annotated[
@@ -87,8 +94,10 @@ def demo(
     """Local Ray + private Redis + zoo models: a drift replay with online distillation and
     hot-swaps, a live table, then results (JSON + PNG)."""
     from osd.actors.demo import DemoConfig, run_demo
+    from osd.models import default_draft
 
-    cfg = _config(config, **{"serve.port": port})
+    real = {"target": target, "draft": default_draft(target)} if target else {}
+    cfg = _config(config, **{"serve.port": port, **real})
     try:
         dcfg = DemoConfig(
             schedule=schedule,

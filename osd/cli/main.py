@@ -282,8 +282,19 @@ def bench(
             "once and at least 4 per client of the highest level, so batches run full)."
         ),
     ] = None,
-    target: Annotated[str, typer.Option(help="Target model.")] = "zoo:target",
-    draft: Annotated[str, typer.Option(help="Draft model (ours and HF assisted).")] = ("zoo:draft"),
+    target: Annotated[
+        str, typer.Option(help="Target model: zoo:target, smollm2 (see `osd models`), a path.")
+    ] = "zoo:target",
+    draft: Annotated[
+        str | None,
+        typer.Option(help="Draft model (ours and HF assisted; default: the target's zoo draft)."),
+    ] = None,
+    verify_costs: Annotated[
+        bool,
+        typer.Option(
+            "--verify-costs", help="Also measure c_verify(n) ÷ c(1) for n = 1…17 (batch 1)."
+        ),
+    ] = False,
     threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (default: torch's choice).")
     ] = None,
@@ -299,6 +310,9 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     names = [s.strip() for s in drafters.split(",") if s.strip()] if drafters else None
+    from osd.cli.models import real_bench_defaults
+
+    draft, names = real_bench_defaults(target, draft, names, serving)
     if serving:
         rep = _bench_serving(
             workload,
@@ -315,6 +329,10 @@ def bench(
         )
     else:
         rep = _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir)
+        if verify_costs:
+            from osd.cli.models import print_verify_costs
+
+            rep["verify_costs"] = print_verify_costs(target)
     if json_out:
         json_out.write_text(json.dumps(rep, indent=2) + "\n")
         console.print(f"wrote {json_out}")
@@ -455,6 +473,14 @@ def online(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate (default: 3e-4 full fine-tune, 1e-3 LoRA).")
     ] = None,
+    target_name: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="Target: zoo:target or smollm2 (`osd models get smollm2`; its draft from "
+            "`osd zoo build --target smollm2`).",
+        ),
+    ] = "zoo:target",
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
@@ -499,8 +525,14 @@ def online(
     except ValueError as err:
         fail(str(err))
     torch.manual_seed(seed)
-    target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
-    tok = load_tokenizer("zoo:target")
+    from osd.models import default_draft
+
+    try:
+        target = load_model(target_name, "cpu")
+        draft = load_model(default_draft(target_name), "cpu")
+        tok = load_tokenizer(target_name)
+    except ValueError as err:
+        fail(str(err))
     client, server = connect(redis_url)
     try:
         buffer = RedisStreamBuffer(client, maxlen=cfg.maxlen)

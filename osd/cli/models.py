@@ -104,3 +104,30 @@ def build_real_draft(target: str, out, seed: int, steps: int | None, data_dir) -
         f"{100 * info['shortlist_coverage']:.1f}% of the training tokens; load it as "
         f"zoo:{name}-draft"
     )
+
+
+def real_bench_defaults(target: str, draft: str | None, names, serving: bool):
+    """``osd bench --target smollm2``: its own draft, and the shortlist variants too."""
+    from osd.bench.decode import SHORTLIST_VARIANT
+    from osd.models import default_draft, is_real
+
+    draft = draft or default_draft(target)
+    if names is None and not serving and is_real(target):
+        names = ["draft_model", SHORTLIST_VARIANT, "ngram"]
+    return draft, names
+
+
+def print_verify_costs(target: str) -> dict:
+    """c_verify(n) ÷ c(1) for n = 1…17 after a 200-token prefix (batch 1, lean forward)."""
+    from osd.bench.costs import verify_costs
+    from osd.models import load_model
+
+    rep = verify_costs(load_model(target, "cpu"))
+    table = Table(title=f"c_verify(n) ÷ c(1), batch 1, {rep['context']}-token prefix")
+    table.add_column("n", justify="right")
+    table.add_column("ms", justify="right")
+    table.add_column("÷ c(1)", justify="right")
+    for n, ms in rep["ms"].items():
+        table.add_row(str(n), f"{ms:.1f}", f"{rep['ratio'][n]:.2f}")
+    console.print(table)
+    return rep
