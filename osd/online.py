@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from osd.distill.collect import RecordCollector
 from osd.distill.config import DistillConfig
 from osd.distill.record import LogConfig, LogMode, encode
@@ -157,10 +159,11 @@ def run_online(
     cfg = config or OnlineConfig()
     result = OnlineResult(cfg, full_vocab_bytes_per_position=full_bytes(target.config.vocab_size))
     schedule = parse_schedule(cfg.schedule, cfg.n, cfg.seed).build(data_dir=data_dir)
-    serving = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
-    frozen = build_drafter(cfg.drafter, target, draft, k=cfg.k)
+    serving = build_drafter(cfg.drafter, target, copy.deepcopy(draft), lenient=True, k=cfg.k)
+    frozen = build_drafter(cfg.drafter, target, draft, lenient=True, k=cfg.k)
     dec = SpeculativeDecoder(target, serving, tokenizer)
-    collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk))
+    heads = serving.needs_hidden_states  # head drafters train on the target's hidden states
+    collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk, hidden=heads))
     dec.add_observer(collector)
     trainer = OnlineDistiller(_student(cfg, target, draft), buffer, DRAFTER_ID, cfg.distill)
     promoter = Promoter(
@@ -182,7 +185,10 @@ def run_online(
         rec = collector.finish(
             state, f"req-{req.index}", DRAFTER_ID, serving.version, domain=req.domain
         )
-        frozen_stats = replay_greedy(frozen, state.tokens, state.prompt_len, cfg.k)
+        hidden = _hidden(target, state.tokens) if heads else None
+        frozen_stats = replay_greedy(
+            frozen, state.tokens, state.prompt_len, serving.k, hidden=hidden
+        )
         entry = RequestLog(
             req.index,
             req.domain,
@@ -227,9 +233,15 @@ def run_online(
     return result
 
 
+@torch.inference_mode()
+def _hidden(target, tokens: list[int]) -> torch.Tensor:
+    """The target's last hidden states over ``tokens`` (what a frozen head replay reads)."""
+    return target.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+
+
 def _student(cfg: OnlineConfig, target, draft) -> Student:
     """A student of ``cfg.drafter`` on its own copy of ``draft``."""
-    drafter = build_drafter(cfg.drafter, target, copy.deepcopy(draft), k=cfg.k)
+    drafter = build_drafter(cfg.drafter, target, copy.deepcopy(draft), lenient=True, k=cfg.k)
     return build_student(cfg.drafter, drafter)
 
 

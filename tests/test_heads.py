@@ -25,7 +25,7 @@ from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.workloads.datasets import DOMAINS, load_domain
 
-HEAD_DRAFTERS = ["medusa", "eagle"]
+HEAD_DRAFTERS = ["medusa", "koala-medusa", "eagle", "koala-eagle"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def _decode_all(dec, prompts, budget, sampling=None):
 
 
 def test_head_drafters_are_registered_and_trainable():
-    assert set([*HEAD_DRAFTERS, "koala-medusa", "koala-eagle"]) <= {
+    assert set(HEAD_DRAFTERS) <= {
         n for n, s in DRAFTERS.items() if s.trainable
     }
 
@@ -98,7 +98,7 @@ def test_greedy_equals_hf_greedy_batched(zoo, cases, name):
 
 def test_one_token_prompt_and_depth_caps(zoo):
     target, tok = zoo
-    for name in HEAD_DRAFTERS:
+    for name in ("medusa", "eagle"):
         dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
         with torch.inference_mode():
             ref = target.generate(torch.tensor([[5]]), max_new_tokens=7, do_sample=False)
@@ -106,7 +106,7 @@ def test_one_token_prompt_and_depth_caps(zoo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", HEAD_DRAFTERS)
+@pytest.mark.parametrize("name", ["medusa", "eagle"])
 def test_sampling_through_head_trees_is_exact(zoo, name):
     """First two sampled tokens (T = 1, top-k 8) vs the target's exact joint, chi-square."""
     target, tok = zoo
@@ -252,3 +252,31 @@ def test_head_version_with_wrong_shape_or_nan_is_refused(zoo, name):
     with pytest.raises(RuntimeError, match="size mismatch"):  # the drafter refuses it too
         drafter.load_state_dict(bad_shape, 1)
     assert [v.version for v in reg.versions(name)] == [0]
+
+
+@pytest.mark.parametrize("name", ["medusa", "eagle"])
+def test_online_loop_trains_gates_and_swaps_heads(zoo, data_dir, name):
+    """``osd online --drafter medusa|eagle`` in small: records carry hidden states, the
+    trainer publishes head versions through the gate, and the frozen heads' replay (fed
+    the target's hidden states) scores what the engine measured while both were v0."""
+    from dataclasses import replace
+
+    from osd.buffer.memory import MemoryBuffer
+    from osd.online import REPLAY_DISTILL, OnlineConfig, run_online
+
+    target, tok = zoo
+    cfg = OnlineConfig(
+        drafter=name,
+        schedule="switch:instruct>sql@4",
+        n=12,
+        max_new_tokens=16,
+        distill=replace(REPLAY_DISTILL, publish_every_steps=6, lr=1e-3),
+        holdout_every=3,
+        window=4,
+    )
+    result = run_online(target, None, tok, MemoryBuffer(consumer="t0"), cfg, data_dir=data_dir)
+    assert result.versions, "no head version was published"
+    first = [r for r in result.requests if r.version == 0][:3]
+    assert first and all(r.proposed_frozen > 0 for r in first)
+    for r in first:
+        assert abs(r.alpha_online - r.alpha_frozen) < 0.1, r

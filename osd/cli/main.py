@@ -482,6 +482,9 @@ def online(
         ),
     ] = "zoo:target",
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
+    drafter: Annotated[
+        str, typer.Option(help="A trainable drafter: draft_model, medusa, eagle, koala-….")
+    ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
     log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
@@ -513,6 +516,7 @@ def online(
 
     try:
         cfg = OnlineConfig(
+            drafter=drafter,
             schedule=schedule,
             n=n,
             seed=seed,

@@ -24,6 +24,7 @@ discriminator and its optimiser live in the objective; ``after_step`` trains it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -194,6 +195,14 @@ class HeadStudent(Student):
         super().__init__(module, int(self.lm_head.weight.shape[0]), None)
         for p in drafter.target.parameters():  # frozen: no gradient into the target
             p.requires_grad_(False)
+
+    def __deepcopy__(self, memo) -> HeadStudent:
+        """A copy with its own heads; the frozen target (and the drafter's caches) shared."""
+        drafter = copy.copy(self.drafter)
+        setattr(
+            drafter, "heads" if hasattr(drafter, "heads") else "head", copy.deepcopy(self.module)
+        )
+        return type(self)(drafter)
 
     def predictable(self, record: DistillRecord, max_len: int | None = None) -> int:
         if record.hidden is None:

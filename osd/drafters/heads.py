@@ -176,8 +176,9 @@ def heads_dir(name: str) -> Path:
 def save_heads(module: nn.Module, config: HeadConfig, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # fp16 on disk like the zoo's models (loaded in the target's dtype)
     state = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()
+        k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()
     }
     save_file(state, str(out / "heads.safetensors"))
     (out / "heads.json").write_text(json.dumps(asdict(config), indent=1) + "\n")

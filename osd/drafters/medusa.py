@@ -83,6 +83,9 @@ class MedusaDrafter(Drafter):
     def k(self) -> int:
         return max(self.depth, default=0)
 
+    def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
+        return self.propose_batch([state], [max_depth])[0]
+
     @torch.inference_mode()
     def propose_batch(self, states: Sequence[DecodeState], depths: list[int]) -> list[TokenTree]:
         trees = [TokenTree.empty() for _ in states]

@@ -41,8 +41,14 @@ def replay_greedy(
     prompt_len: int,
     max_depth: int = 64,
     stats: DecodeStats | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> DecodeStats:
-    """Acceptance counters ``drafter`` would get decoding ``tokens[prompt_len:]`` greedily."""
+    """Acceptance counters ``drafter`` would get decoding ``tokens[prompt_len:]`` greedily.
+
+    ``hidden`` ``[len(tokens), H]``: the target's last hidden states over ``tokens`` (one
+    forward), for a drafter that reads them (head drafters): the replay hands it the rows
+    the engine would (``DecodeState.target_hidden``: the prefix at the start, then the root
+    and the accepted path)."""
     stats = stats if stats is not None else DecodeStats()
     output = tokens[prompt_len:]
     state = DecodeState(
@@ -51,6 +57,8 @@ def replay_greedy(
         max_new_tokens=len(output),
         sampling=SamplingParams(),
     )
+    if hidden is not None:
+        state.target_hidden = hidden[: prompt_len - 1]
     drafter.start(state)
     while state.tokens_left > 0:
         future = output[state.new_tokens :]
@@ -58,6 +66,10 @@ def replay_greedy(
         tree = drafter.propose(state, depth) if depth > 0 else TokenTree.empty()
         result = accept_greedy(tree.tokens, tree.parents, _known_argmax(tree, future))
         emitted = result.emitted_tokens
+        if hidden is not None:  # root + accepted path, as the engine commits them
+            state.target_hidden = hidden[
+                len(state.tokens) - 1 : len(state.tokens) + len(emitted) - 1
+            ]
         state.tokens.extend(emitted)
         stats.record(tree.max_depth, result.num_accepted, len(emitted))
         drafter.observe(state, StepResult(tree=tree, accept=result, emitted=emitted))
