@@ -70,9 +70,7 @@ def _decode_all(dec, prompts, budget, sampling=None):
 
 
 def test_head_drafters_are_registered_and_trainable():
-    assert set(HEAD_DRAFTERS) <= {
-        n for n, s in DRAFTERS.items() if s.trainable
-    }
+    assert set(HEAD_DRAFTERS) <= {n for n, s in DRAFTERS.items() if s.trainable}
 
 
 def test_medusa_tree_grows_by_expected_length():
