@@ -605,10 +605,6 @@ app.command()(serve)
 app.command()(launch)
 app.command()(replay)
 
-from osd.cli.heads import heads_app  # noqa: E402
-
-app.add_typer(heads_app, name="heads")
-
 from osd.cli.models import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
