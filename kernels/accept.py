@@ -115,6 +115,24 @@ def _row_sum(ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _residual(r_row, p_row, offs, V, x, sp, total, removed, point, EPS, HAS_P, WOR):
+    """``max(r − d, 0)`` on one block, ``d`` the distribution the rejected child ``x`` was
+    drawn from: ``p / sp`` (without replacement: earlier siblings zeroed, renormalised by
+    ``total``, a point mass at ``x`` when nothing was left), or a point mass at ``x``."""
+    r = tl.load(r_row + offs, mask=offs < V, other=0.0)
+    if HAS_P:
+        d = tl.load(p_row + offs, mask=offs < V, other=0.0) / sp
+        if WOR:
+            hit = tl.sum((offs[:, None] == removed[None, :]).to(tl.int32), 1)
+            d = tl.where(hit > 0, 0.0, d) / tl.maximum(total, EPS)
+            d = tl.where(point, tl.where(offs == x, 1.0, 0.0), d)
+        res = tl.maximum(r - d, 0.0)
+    else:
+        res = tl.where(offs == x, 0.0, r)
+    return res
+
+
+@triton.jit
 def _sampling_kernel(
     tok_ptr,  # [B, n] int64 (padding: 0)
     par_ptr,  # [B, n] int64 (padding <= -2)
@@ -139,7 +157,7 @@ def _sampling_kernel(
     EPS: tl.constexpr,
     TINY: tl.constexpr,
     HAS_P: tl.constexpr,
-    WITHOUT_REPLACEMENT: tl.constexpr,
+    WOR: tl.constexpr,  # siblings drawn without replacement
     NPAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -168,11 +186,11 @@ def _sampling_kernel(
             total = tl.full([], 1.0, r_x.dtype)
             point = tl.full([], 0, tl.int1)
             removed = tl.full([NPAD], -1, tl.int64)
+            p_row = p_ptr + (b * n + j) * V  # (q itself when there is no p: never read)
             if HAS_P:
-                p_row = p_ptr + (b * n + j) * V
                 sp = tl.maximum(_row_sum(p_row, V, BLOCK), TINY)
                 p_x = tl.load(p_row + x) / sp
-                if WITHOUT_REPLACEMENT:
+                if WOR:
                     # tokens of the earlier siblings, each counted once
                     ear = tl.load(earlier_ptr + (b * n + j) * n + sib, mask=sib < n, other=0)
                     sib_tok = tl.load(tok_ptr + b * n + sib, mask=sib < n, other=-1)
@@ -204,31 +222,16 @@ def _sampling_kernel(
                 res_sum = tl.zeros([BLOCK], r_x.dtype)
                 for start in range(0, V, BLOCK):
                     offs = start + ar
-                    r = tl.load(r_row + offs, mask=offs < V, other=0.0)
-                    if HAS_P:
-                        d = tl.load(p_row + offs, mask=offs < V, other=0.0) / sp
-                        if WITHOUT_REPLACEMENT:
-                            hit = tl.sum((offs[:, None] == removed[None, :]).to(tl.int32), 1)
-                            d = tl.where(hit > 0, 0.0, d) / tl.maximum(total, EPS)
-                            d = tl.where(point, tl.where(offs == x, 1.0, 0.0), d)
-                        res = tl.maximum(r - d, 0.0)
-                    else:
-                        res = tl.where(offs == x, 0.0, r)
-                    res_sum += res
+                    res_sum += _residual(
+                        r_row, p_row, offs, V, x, sp, total, removed, point, EPS, HAS_P, WOR
+                    )
                 res_total = tl.sum(res_sum, 0)
                 if res_total > EPS:
                     for start in range(0, V, BLOCK):
                         offs = start + ar
-                        r = tl.load(r_row + offs, mask=offs < V, other=0.0)
-                        if HAS_P:
-                            d = tl.load(p_row + offs, mask=offs < V, other=0.0) / sp
-                            if WITHOUT_REPLACEMENT:
-                                hit = tl.sum((offs[:, None] == removed[None, :]).to(tl.int32), 1)
-                                d = tl.where(hit > 0, 0.0, d) / tl.maximum(total, EPS)
-                                d = tl.where(point, tl.where(offs == x, 1.0, 0.0), d)
-                            res = tl.maximum(r - d, 0.0)
-                        else:
-                            res = tl.where(offs == x, 0.0, r)
+                        res = _residual(
+                            r_row, p_row, offs, V, x, sp, total, removed, point, EPS, HAS_P, WOR
+                        )
                         tl.store(r_row + offs, res / res_total, mask=offs < V)
                 if tl.load(last_ptr + b * n + j) != 0:
                     alive = tl.full([], 0, tl.int1)
@@ -319,7 +322,7 @@ def accept_sampling_batch(
             EPS=RESIDUAL_EPS,
             TINY=torch.finfo(dtype).tiny,
             HAS_P=px is not None,
-            WITHOUT_REPLACEMENT=bool(without_replacement) and px is not None,
+            WOR=bool(without_replacement) and px is not None,
             NPAD=triton.next_power_of_2(max(n, 1)),
             BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)),
         )

@@ -40,7 +40,7 @@ def check_all(arch: int = 90) -> list[str]:
     sampling |= {"q_ptr": F, "p_ptr": F, "u_ptr": F, "r_ptr": F, "n": "i32", "V": "i32"}
     sampling |= {"W": "i32"}
     for has_p, without in [(False, False), (True, False), (True, True)]:
-        consts = {"EPS": 1e-12, "TINY": 1e-38, "HAS_P": has_p, "WITHOUT_REPLACEMENT": without}
+        consts = {"EPS": 1e-12, "TINY": 1e-38, "HAS_P": has_p, "WOR": without}
         build(accept._sampling_kernel, sampling, consts | {"NPAD": 64, "BLOCK": 1024})
     tk = {"x_ptr": F, "ids_ptr": P, "lp_ptr": "*fp16", "tail_ptr": "*fp16", "V": "i32"}
     consts = {"K": 16, "KPAD": 16, "LOG_FLOOR": -30.0, "BLOCK": 1024}
