@@ -37,6 +37,7 @@ import torch
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
 from osd.serving import Delta, RequestResult, ServeRequest, ServingLoop
+from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.workloads.datasets import load_domain, parse_domains
 
@@ -62,6 +63,7 @@ class ServingBenchConfig:
     target: str = "zoo:target"
     draft: str = "zoo:draft"
     max_batch: int | None = None  # the loop's max batch; None: the highest concurrency
+    adaptive: bool = False  # the load-aware controller picks the depth each step (0 = off)
     prompt_tokens: int = 128  # prompts are cut to their last this many tokens
     ignore_eos: bool = True
     device: str | None = None  # None: CUDA when there is one, else the CPU
@@ -194,7 +196,8 @@ def run_serving_bench(
     target, tok = load_model(cfg.target, device), load_tokenizer(cfg.target)
     draft = load_model(cfg.draft, device) if drafter_spec(cfg.drafter).needs_draft else None
     drafter = build_drafter(cfg.drafter, target, draft, lenient=True, k=cfg.k, tree=cfg.tree)
-    decoder = SpeculativeDecoder(target, drafter, tok)
+    controller = SpeculationController(k_max=cfg.k) if cfg.adaptive else None
+    decoder = SpeculativeDecoder(target, drafter, tok, controller=controller)
     if cfg.ignore_eos:
         decoder.eos = set()
     prompts = _load_prompts(cfg, tok, data_dir)
@@ -225,6 +228,7 @@ def run_serving_bench(
         "drafter": cfg.drafter,
         "k": cfg.k,
         "tree": cfg.tree,
+        "adaptive": cfg.adaptive,
         "max_batch": loop.max_batch,
         "engine_max_batch": getattr(decoder, "max_batch", None),
         "device": str(target.device),
@@ -250,4 +254,5 @@ def _level(c: int, results: list[RequestResult], wall: float, steps: int, steppe
         "mean_batch": stepped / steps if steps else 0.0,
         "alpha": stats.alpha,
         "tau": stats.tau,
+        "mean_depth": stats.proposed / stats.steps if stats.steps else 0.0,
     }

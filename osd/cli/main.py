@@ -282,6 +282,14 @@ def bench(
             "once and at least 4 per client of the highest level, so batches run full)."
         ),
     ] = None,
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive",
+            help="--serving: the load-aware controller picks the draft depth each step "
+            "(up to --k; 0 = speculation off) from measured costs and the batch size.",
+        ),
+    ] = False,
     target: Annotated[
         str, typer.Option(help="Target model: zoo:target, smollm2 (see `osd models`), a path.")
     ] = "zoo:target",
@@ -326,6 +334,7 @@ def bench(
             draft,
             data_dir,
             requests,
+            adaptive,
         )
     else:
         rep = _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir)
@@ -395,6 +404,7 @@ def _bench_serving(
     draft,
     data_dir,
     requests=None,
+    adaptive=False,
 ) -> dict:
     from osd.bench.serving import ServingBenchConfig, parse_levels, run_serving_bench
 
@@ -412,6 +422,7 @@ def _bench_serving(
             draft=draft,
             max_batch=max_batch,
             requests=requests,
+            adaptive=adaptive,
         ).validate()
     except ValueError as err:
         fail(str(err))
@@ -440,7 +451,8 @@ def _bench_serving(
         f"{max_new_tokens} tokens per level, drafter {cfg.drafter}, greedy, max batch "
         f"{rep['max_batch']}, {rep['device']}"
     )
-    for col in ("concurrency", "tok/s", "× c=1", "p50 s", "p99 s", "batch", "α", "τ", "= c=1"):
+    cols = ("concurrency", "tok/s", "× c=1", "p50 s", "p99 s", "batch", "depth", "α", "τ", "= c=1")
+    for col in cols:
         table.add_column(col, justify="right")
     for lv in rep["serving"]:
         ratio = lv.get("ratio_vs_c1")
@@ -452,6 +464,7 @@ def _bench_serving(
             f"{lv['p50_s']:.2f}",
             f"{lv['p99_s']:.2f}",
             f"{lv['mean_batch']:.1f}",
+            f"{lv['mean_depth']:.1f}",
             f"{lv['alpha']:.2f}",
             f"{lv['tau']:.2f}",
             "–" if match is None else f"{match}/{lv['requests']}",

@@ -1,20 +1,34 @@
-"""Adaptive speculation length (OSD's cost model), for any chain drafter.
+"""Adaptive, load-aware speculation length (OSD's cost model, batched), for any drafter.
 
 With per-position acceptance α (i.i.d. model), a chain of k draft tokens emits on average
 
     E[tokens](k) = (1 − α^(k+1)) / (1 − α)            (bonus included)
 
-and a step costs ``k · c_draft + c_verify(k)``, with ``c_verify(k) ≈ v0 + v1 · k`` fitted from
-the measured verification times. The controller drafts the k in ``[k_min, k_max]`` that
-maximises expected tokens per second, re-estimating α and the costs as it goes
-(exponentially decayed, so it follows drift).
+per sequence. A step of ``B`` sequences drafting depth ``k`` costs
 
-Worked example: α = 0.8, c_draft = 1 ms, c_verify(k) = 6 + 0.25·k ms gives tokens/ms
-0.248 (k=1), 0.303 (k=3), 0.305 (k=4), 0.301 (k=5), 0.271 (k=8) → k = 4.
+    c(B, k) = k · (d0 + d1 · B)  +  a + b · N,        N = B · (1 + r · k)
+
+— drafting is one draft forward per level (its cost grows with the batch), verification is
+one target forward over the ``N`` tokens of every sequence's root and tree (``r`` = tree
+nodes per level: 1 for a chain). The controller drafts the ``k`` in ``[k_min, k_max]`` that
+maximises **goodput** ``B · E[tokens](k) / c(B, k)``, with ``k = 0`` (plain decoding, one
+token per sequence for ``a + b · B``) allowed when ``k_min = 0``. The lines are fitted from
+the ledger's measured stage times (exponentially decayed least squares, so they follow
+drift and load); nothing is a fixed threshold. Why it matters: at batch 1 verification of
+a few extra tokens is nearly free (``a`` dominates), so speculation pays; at a large batch
+the target forward is compute-bound (``b · N`` dominates), verifying ``k + 1`` tokens per
+sequence costs ~``k + 1`` times plain decoding, and speculation is switched off or
+shortened — users of other engines report speculation slowing them down under load.
+
+Worked example (chain, ``a = 5.75``, ``b = 0.25``, ``d0 = 1``, ``d1 = 0.05`` ms): at batch 1
+with α = 0.8, tokens/ms are 0.167 (k=0), 0.248 (k=1), 0.303 (k=3), 0.306 (k=4), 0.301 (k=5),
+0.271 (k=8) → k = 4; at batch 32 they are 2.33 (k=0), 2.37 (k=1), 2.23 (k=2), 1.92 (k=4)
+→ k = 1; and with α = 0.33 at batch 32: 2.33 (k=0), 1.75 (k=1) → speculation off.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from osd.specdec.ledger import Ledger
@@ -61,36 +75,38 @@ class _Decayed:
 
 
 class SpeculationController:
-    """Chooses the draft depth before each step from measured costs and acceptance.
-
-    A step observer of the engine (``SpeculativeDecoder(controller=...)`` registers it).
-    """
+    """Chooses the draft depth of each engine step from measured costs, acceptance and the
+    batch size (module docstring). An engine step observer: ``SpeculativeDecoder(controller=
+    ...)`` registers it; the engine asks :meth:`depth` with the batch size before a step and
+    reports the step with :meth:`on_batch`."""
 
     wants_logits = False
     wants_hidden = False
 
     def __init__(
         self,
-        k_min: int = 1,
+        k_min: int = 0,
         k_max: int = 8,
         alpha_prior: float = 0.6,
         decay: float = 0.98,
         explore_every: int = 16,
     ) -> None:
-        if not 1 <= k_min <= k_max:
-            raise ValueError(f"need 1 ≤ k_min ≤ k_max, got k_min={k_min}, k_max={k_max}")
+        if not 0 <= k_min <= k_max or k_max < 1:
+            raise ValueError(f"need 0 ≤ k_min ≤ k_max, k_max ≥ 1; got k_min={k_min}, k_max={k_max}")
         if not 0 < alpha_prior < 1:
             raise ValueError(f"alpha_prior must be in (0, 1), got {alpha_prior}")
         self.k_min, self.k_max = k_min, k_max
         self.explore_every = explore_every
-        self._acc = _Decayed(decay)  # x unused; y = accepted, n via weights below
-        self._trials = _Decayed(decay)
-        self._draft = _Decayed(decay)  # ms per drafted token
-        self._verify = _Decayed(decay)  # ms per verify vs k
+        self._acc = _Decayed(decay)  # y = accepted per sequence step
+        self._trials = _Decayed(decay)  # y = positions reached
+        self._draft = _Decayed(decay)  # ms per draft level vs batch size
+        self._verify = _Decayed(decay)  # ms per verification vs tokens verified
+        self._ratio = _Decayed(decay)  # tree nodes per level
         self._alpha_prior = alpha_prior
         self._last: dict[str, float] = {}
         self._steps = 0
         self.k = min(max(4, k_min), k_max)
+        self.batch = 1  # the batch size of the last depth() call
 
     @property
     def alpha(self) -> float:
@@ -99,44 +115,72 @@ class SpeculationController:
             return self._alpha_prior
         return min(self._acc.sy / self._trials.sy, 0.999)
 
-    def costs(self) -> tuple[float, float, float]:
-        """(ms per draft token, verify intercept ms, verify slope ms per token)."""
-        c_draft = self._draft.mean(1.0)
-        v0, v1 = self._verify.line((c_draft * 4, 0.0))
-        return c_draft, v0, v1
+    def _lines(self) -> tuple[float, float, float, float, float]:
+        """(d0, d1, a, b, r): ms per draft level = d0 + d1·B, ms per verify = a + b·N."""
+        d0, d1 = self._draft.line((1.0, 0.0))
+        a, b = self._verify.line((4.0 * d0, 0.0))
+        r = self._ratio.mean(1.0)
+        return d0, d1, a, b, r
 
-    def best_k(self) -> int:
-        alpha = self.alpha
-        c_draft, v0, v1 = self.costs()
-        rate = {
-            k: expected_tokens(alpha, k) / (k * c_draft + v0 + v1 * k)
-            for k in range(self.k_min, self.k_max + 1)
-        }
+    def costs(self, batch: int = 1) -> tuple[float, float, float]:
+        """At ``batch``: (ms per draft level, verify intercept ms, verify ms per draft level)
+        — i.e. a step of depth k costs ``k · c_draft + v0 + v1 · k``."""
+        d0, d1, a, b, r = self._lines()
+        return d0 + d1 * batch, a + b * batch, b * batch * r
+
+    def goodput(self, k: int, batch: int = 1) -> float:
+        """Expected tokens per ms over the batch when drafting depth ``k``."""
+        c_draft, v0, v1 = self.costs(batch)
+        cost = k * c_draft + v0 + v1 * k
+        return batch * expected_tokens(self.alpha, k) / max(cost, 1e-9)
+
+    def best_k(self, batch: int = 1) -> int:
+        rate = {k: self.goodput(k, batch) for k in range(self.k_min, self.k_max + 1)}
         return max(rate, key=rate.get)
 
-    def depth(self) -> int:
+    def depth(self, batch: int = 1) -> int:
+        """The depth to draft this step, for ``batch`` sequences."""
         self._steps += 1
-        best = self.best_k()
-        # now and then try a neighbour so the verify-cost line sees more than one k
+        self.batch = batch
+        best = self.best_k(batch)
+        # now and then try a neighbour so the cost lines see more than one point
         if self.explore_every and self._steps % self.explore_every == 0:
             best = min(self.k_max, best + 1) if best < self.k_max else best - 1
         self.k = max(self.k_min, best)
         return self.k
 
+    # -- observing ---------------------------------------------------------------------
     def on_step(self, state, step, ledger: Ledger) -> None:
-        self.observe(step.proposed_depth, step.accepted, ledger)
+        """Per sequence: nothing (the step is observed once, in :meth:`on_batch`)."""
 
     def on_release(self, state) -> None:
         pass
 
+    def on_batch(self, states: Sequence, steps: Sequence, ledger: Ledger) -> None:
+        """One engine step of ``len(steps)`` sequences."""
+        depth = max((s.proposed_depth for s in steps), default=0)
+        nodes = sum(s.tree.size for s in steps)
+        self.observe_batch(depth, [s.accepted for s in steps], nodes, ledger)
+
     def observe(self, depth: int, accepted: int, ledger: Ledger) -> None:
-        """Feed one step's outcome; stage times are read as deltas of ``ledger``."""
+        """One batch-1 chain step (kept for callers that step one sequence)."""
+        self.observe_batch(depth, [accepted], depth, ledger)
+
+    def observe_batch(
+        self, depth: int, accepted: Sequence[int], nodes: int, ledger: Ledger
+    ) -> None:
+        """Feed one step: its depth, each sequence's accepted count, the tree nodes over the
+        batch; stage times are read as deltas of ``ledger``."""
         dt = {s: ledger.seconds.get(s, 0.0) - self._last.get(s, 0.0) for s in ("propose", "verify")}
         self._last = {s: ledger.seconds.get(s, 0.0) for s in ("propose", "verify")}
+        batch = len(accepted)
+        if batch == 0:
+            return
+        self._verify.add(float(batch + nodes), 1000 * dt["verify"])
         if depth <= 0:
             return
-        reached = min(accepted + 1, depth)
-        self._acc.add(0.0, float(accepted))
-        self._trials.add(0.0, float(reached))
-        self._draft.add(float(depth), 1000 * dt["propose"] / depth)
-        self._verify.add(float(depth), 1000 * dt["verify"])
+        self._draft.add(float(batch), 1000 * dt["propose"] / depth)
+        self._ratio.add(0.0, nodes / (batch * depth))
+        for acc in accepted:
+            self._acc.add(0.0, float(acc))
+            self._trials.add(0.0, float(min(acc + 1, depth)))

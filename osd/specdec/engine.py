@@ -43,6 +43,8 @@ class StepObserver(Protocol):
     def on_step(self, state: DecodeState, step: StepResult, ledger: Ledger) -> None: ...
     def on_release(self, state: DecodeState) -> None: ...
 
+    # optional: ``on_batch(states, steps, ledger)`` once per step, after the on_step calls
+
 
 @dataclass
 class DecodeStats:
@@ -257,8 +259,8 @@ class SpeculativeDecoder:
         stats = stats or [None] * len(states)
         # emitted ≤ depth + 1 ≤ tokens_left: drafting deeper is wasted work
         depths = [max(0, s.tokens_left - 1) for s in states]
-        if self.controller is not None:
-            cap = self.controller.depth()
+        if self.controller is not None:  # load-aware: the batch size is part of its model
+            cap = self.controller.depth(len(states))
             depths = [min(d, cap) for d in depths]
         with self.ledger.time("propose"):
             trees = self.drafter.propose_batch(states, depths)
@@ -282,6 +284,10 @@ class SpeculativeDecoder:
         for state, step in zip(states, steps, strict=True):
             for obs in self.observers:
                 obs.on_step(state, step, self.ledger)
+        for obs in self.observers:
+            on_batch = getattr(obs, "on_batch", None)
+            if on_batch is not None:  # optional: the whole step at once (the controller)
+                on_batch(states, steps, self.ledger)
         return steps
 
     def _verify(
