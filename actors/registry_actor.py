@@ -69,8 +69,13 @@ class RegistryActor:
         # the drafter's student (by name) is what the gate scores and the registry versions
         self.promoter: Promoter | None = None
         if drafter_spec(cfg.drafter).trainable:
+            spec = drafter_spec(cfg.drafter)  # head drafters read the target's states
             drafter = build_drafter(
-                cfg.drafter, None, load_model(cfg.draft, "cpu"), lenient=True, k=cfg.k
+                cfg.drafter,
+                None if spec.needs_draft else load_model(cfg.target, "cpu"),
+                load_model(cfg.draft, "cpu") if spec.needs_draft else None,
+                lenient=True,
+                k=cfg.k,
             )
             self.promoter = Promoter(
                 self.registry,

@@ -124,7 +124,12 @@ class OSDServer:
         self.sink = RecordSink(
             buffer, cfg.drafter_id, cfg.buffer.holdout_every, on_write=self.metrics.observe_record
         )
-        log_cfg = LogConfig(mode=cfg.buffer.log_mode, k=cfg.buffer.topk, rate=cfg.buffer.log_rate)
+        log_cfg = LogConfig(
+            mode=cfg.buffer.log_mode,
+            k=cfg.buffer.topk,
+            rate=cfg.buffer.log_rate,
+            hidden=decoder.drafter.needs_hidden_states,  # head drafters train on them
+        )
         self.loop = ServingLoop(
             decoder,
             drafter_id=cfg.drafter_id,

@@ -29,7 +29,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 from osd.buffer import RedisStreamBuffer
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
-from osd.drafters import build_drafter, build_student
+from osd.drafters import build_drafter, build_student, drafter_spec
 from osd.models import load_model
 from osd.registry import checksum, weights_from_bytes, weights_to_bytes
 
@@ -54,8 +54,13 @@ class TrainerActor:
         buffer = RedisStreamBuffer(
             redis.Redis.from_url(cfg.redis_url), consumer=name, maxlen=cfg.buffer.maxlen
         )
+        spec = drafter_spec(cfg.drafter)  # head drafters read the (frozen) target's states
         drafter = build_drafter(
-            cfg.drafter, None, load_model(cfg.draft, device), lenient=True, k=cfg.k
+            cfg.drafter,
+            None if spec.needs_draft else load_model(cfg.target, device),
+            load_model(cfg.draft, device) if spec.needs_draft else None,
+            lenient=True,
+            k=cfg.k,
         )
         student = build_student(cfg.drafter, drafter)
         dcfg = cfg.trainer.distill
