@@ -187,9 +187,12 @@ def generate(
     drafter: Annotated[
         str, typer.Option(help="Drafter by name: none, draft_model, ngram (see osd.drafters).")
     ] = "draft_model",
-    draft: Annotated[str, typer.Option(help="Draft model for --drafter draft_model.")] = (
-        "zoo:draft"
-    ),
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            help="Draft model for --drafter draft_model (default: the target's zoo draft)."
+        ),
+    ] = None,
     k: Annotated[int, typer.Option(help="Draft length (chain).")] = 4,
     tree: Annotated[
         str | None, typer.Option(help="MCSD k-config tree, e.g. 4,2,2 (overrides --k).")
@@ -220,8 +223,11 @@ def generate(
     from osd.specdec.sampling import SamplingParams
 
     try:
+        from osd.models import default_draft
+
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         model, tok = load_model(target), load_tokenizer(target)
+        draft = draft or default_draft(target)
         draft_model = load_model(draft) if drafter_spec(drafter).needs_draft else None
         dec = SpeculativeDecoder(
             model,
