@@ -198,7 +198,9 @@ def launch(
                 "a cluster needs a Redis every node can reach: set buffer.url in the config "
                 "or $REDIS_URL (e.g. redis://:PASSWORD@redis-host:6379/0)"
             )
-        server = EmbeddedRedis(password=secrets.token_urlsafe(16)).start()
+        server = EmbeddedRedis(  # persistent (AOF) and supervised: restarted if it dies
+            password=secrets.token_urlsafe(16), data_dir=cfg.buffer.data_dir
+        ).start()
         cfg = replace(cfg, buffer=replace(cfg.buffer, url=server.url))
     elif cfg.buffer.url is None:  # actors on other nodes lack this process's $REDIS_URL
         cfg = replace(cfg, buffer=replace(cfg.buffer, url=cfg.redis_url))

@@ -67,9 +67,13 @@ class BufferConfig:
     topk: int = 16  # target top-k logged per position
     log_rate: float = 1.0  # fraction of requests logged
     holdout_every: int = 8  # every N-th record goes to the gate's held-out stream
+    # the embedded Redis's append-only file: None = $OSD_REDIS_DIR, else a private temp dir
+    # (survives Redis restarts, removed at shutdown); a directory keeps it across launches
+    data_dir: str | None = None
 
     def validate(self) -> None:
         _need(self.url is None or isinstance(self.url, str), "buffer.url must be a string")
+        _need(self.data_dir is None or isinstance(self.data_dir, str), "buffer.data_dir: a path")
         _need(_int(self.maxlen, 1), f"buffer.maxlen must be an int >= 1, got {self.maxlen!r}")
         _need(self.log_mode in ("all", "rejected"), "buffer.log_mode must be all or rejected")
         _need(_int(self.topk, 1), f"buffer.topk must be an int >= 1, got {self.topk!r}")

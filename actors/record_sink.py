@@ -7,12 +7,18 @@ to the drafter's training stream — or, every ``holdout_every``-th record, to t
 held-out stream ``<drafter_id>.holdout`` the registry's promotion gate evaluates on
 (records the trainers never see).
 
-Redis down: a write is retried with backoff for up to ``retry_s``; then the record is
-dropped and counted (serving never waits on the buffer). A full queue drops the newest.
+Redis down (dead, restarting, hung): the writer keeps the record it holds and retries
+with back-off (up to ``max_backoff_s`` apart) until Redis answers, logging one line per
+outage; meanwhile new records wait in the bounded queue (``capacity``) and are delivered,
+in order, once Redis is back. Serving never waits on the buffer: a full queue drops the
+newest record, and :meth:`RecordSink.close` drops what it could not write by its deadline —
+both counted (``dropped``, the ``on_write(…, False)`` callback). A write whose reply was
+lost may be retried after it landed: delivery is at-least-once, as for the trainers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from osd.buffer import SampleBuffer
+from osd.buffer.base import Outage
 from osd.distill.record import DistillRecord, encode
 
 __all__ = ["RecordSink", "holdout_stream"]
@@ -42,17 +49,20 @@ class RecordSink:
         holdout_every: int = 8,
         on_write: Callable[[str, bool], None] | None = None,
         capacity: int = 1024,
-        retry_s: float = 5.0,
+        max_backoff_s: float = 1.0,
     ) -> None:
         self.buffer = buffer
         self.drafter_id = drafter_id
         self.holdout_every = holdout_every
         self.on_write = on_write
-        self.retry_s = retry_s
+        self.max_backoff_s = max_backoff_s
         self._queue: queue.Queue[DistillRecord | None] = queue.Queue(maxsize=capacity)
         self._count = 0
         self.written = 0
         self.dropped = 0
+        self.outage = Outage(f"record buffer ({drafter_id})", log)
+        self._deadline: float | None = None  # set by close(): give up retrying after it
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="osd-record-sink", daemon=True)
         self._thread.start()
 
@@ -64,9 +74,12 @@ class RecordSink:
             self._dropped("the sink queue is full (Redis too slow or down)")
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout_s)
+        """Write what is queued within ``timeout_s`` (the rest is dropped, counted); stop."""
+        self._deadline = time.monotonic() + timeout_s
+        self._closing.set()
+        with contextlib.suppress(queue.Full):  # else the writer drains it at the deadline
+            self._queue.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s + 1.0)
 
     @property
     def backlog(self) -> int:
@@ -80,9 +93,17 @@ class RecordSink:
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
+            try:
+                record = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if self._closing.is_set() and self._past_deadline():
+                    return
+                continue
             if record is None:
                 return
+            if self._past_deadline():
+                self._dropped("closing: not written by the deadline")
+                continue
             stream = self._stream_of_next()
             try:
                 data = encode(record)
@@ -92,19 +113,23 @@ class RecordSink:
                 continue
             self._write(stream, data)
 
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() > self._deadline
+
     def _write(self, stream: str, data: bytes) -> None:
-        deadline, delay = time.monotonic() + self.retry_s, 0.05
+        delay = 0.05
         while True:
             try:
                 self.buffer.put(stream, data)
             except Exception as err:
-                if time.monotonic() + delay > deadline:
-                    log.warning("buffer write to %r failed, record dropped: %s", stream, err)
-                    self._dropped(str(err))
+                self.outage.failed(err)
+                if self._past_deadline():
+                    self._dropped(f"closing with the buffer down: {err}")
                     return
                 time.sleep(delay)
-                delay = min(2 * delay, 1.0)
+                delay = min(2 * delay, self.max_backoff_s)
                 continue
+            self.outage.ok()
             self.written += 1
             if self.on_write is not None:
                 self.on_write(stream, True)

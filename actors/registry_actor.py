@@ -54,10 +54,12 @@ class RegistryActor:
         self.cfg = cfg = ClusterConfig.from_dict(config)
         import redis
 
+        from osd.buffer.redis_stream import redis_client
+
         url = cfg.redis_url
         if url is None:
             raise ValueError("the registry actor needs a Redis URL (buffer.url or $REDIS_URL)")
-        self.client = redis.Redis.from_url(url)
+        self.client = redis_client(url)
         if cfg.registry.store == "redis":
             from osd.actors.redis_store import RedisStore
 

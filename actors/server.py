@@ -102,9 +102,9 @@ class OSDServer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         import ray
-        import redis
 
         from osd.buffer import RedisStreamBuffer
+        from osd.buffer.redis_stream import redis_client
 
         self.cfg = cfg = ClusterConfig.from_dict(config)
         torch.set_num_threads(cfg.serve.threads)
@@ -119,7 +119,7 @@ class OSDServer:
         self.vocab = int(decoder.target.config.vocab_size)
         self.metrics = ReplicaMetrics(cfg.model_name, cfg.drafter_id)
         buffer = RedisStreamBuffer(
-            redis.Redis.from_url(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
+            redis_client(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
         )
         self.sink = RecordSink(
             buffer, cfg.drafter_id, cfg.buffer.holdout_every, on_write=self.metrics.observe_record

@@ -27,6 +27,7 @@ import torch
 from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
+from osd.buffer.base import Outage
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -43,7 +44,8 @@ class TrainerActor:
 
     def __init__(self, config: dict[str, Any], name: str) -> None:
         import ray
-        import redis
+
+        from osd.buffer.redis_stream import redis_client
 
         self.cfg = cfg = ClusterConfig.from_dict(config)
         torch.set_num_threads(cfg.trainer.threads)
@@ -51,9 +53,10 @@ class TrainerActor:
         self.drafter_id = cfg.drafter_id
         device = "cuda" if cfg.trainer.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
-        buffer = RedisStreamBuffer(
-            redis.Redis.from_url(cfg.redis_url), consumer=name, maxlen=cfg.buffer.maxlen
+        self.buffer = buffer = RedisStreamBuffer(
+            redis_client(cfg.redis_url), consumer=name, maxlen=cfg.buffer.maxlen
         )
+        self.outage = Outage(f"{name}: Redis", log)  # one line per outage, not per retry
         spec = drafter_spec(cfg.drafter)  # head drafters read the (frozen) target's states
         drafter = build_drafter(
             cfg.drafter,
@@ -96,16 +99,28 @@ class TrainerActor:
 
     # -- training thread -----------------------------------------------------------------
     def _loop(self) -> None:
+        import redis
+
         d = self.distiller
         while not self._stop.is_set():
             if not self._run.wait(0.2):
                 continue
+            if self.outage.down:  # Redis was away: resume once it answers
+                try:
+                    self.buffer.client.ping()
+                except redis.RedisError:
+                    time.sleep(0.5)
+                    continue
+                self.outage.ok()
             try:  # OnlineDistiller.run: steps, publishes via _publish, retries failed publishes
                 d.run(
                     until=lambda: self._stop.is_set() or not self._run.is_set(),
                     idle_sleep_s=0.05,
                     on_publish=self._publish,
                 )
+            except redis.RedisError as err:  # its batch stays pending: redelivered later
+                self.outage.failed(err)
+                time.sleep(0.5)
             except Exception:  # a failed step leaves its batch pending: redelivered later
                 self.errors += 1
                 log.exception("%s: training step failed; retrying in 1 s", self.name)
@@ -157,6 +172,7 @@ class TrainerActor:
             "publishing": self.publishing,
             "resumed_from": self.resumed_from,
             "errors": self.errors,
+            "redis_outages": self.outage.count,
         }
 
     def ping(self) -> bool:

@@ -63,12 +63,12 @@ class DownBuffer(MemoryBuffer):
 
 def test_sink_drops_and_counts_when_redis_is_down():
     drops = []
-    sink = RecordSink(DownBuffer(), "d", on_write=lambda s, ok: drops.append(ok), retry_s=0.1)
+    sink = RecordSink(DownBuffer(), "d", on_write=lambda s, ok: drops.append(ok))
     start = time.perf_counter()
     sink.submit(record(0))  # never blocks the caller
     assert time.perf_counter() - start < 0.05
-    sink.close()
-    assert sink.dropped == 1 and drops == [False]
+    sink.close(timeout_s=0.3)  # retried until the deadline, then dropped and counted
+    assert sink.dropped == 1 and drops == [False] and sink.outage.count == 1
 
 
 # ---- registry on Redis ---------------------------------------------------------------------

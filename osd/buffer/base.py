@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +59,59 @@ def _as_bytes(data: Any) -> bytes:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"buffer entries are bytes (an encoded record), got {type(data).__name__}")
     return bytes(data)
+
+
+class Outage:
+    """One log line when something starts failing and one when it works again — not one per
+    retry. ``failed`` / ``ok`` are called on every attempt; thread-safe.
+
+    >>> o = Outage("redis", logging.getLogger("doc"))
+    >>> o.failed(ConnectionError("down")), o.failed(ConnectionError("down")), o.down
+    (True, False, True)
+    >>> o.ok(), o.down, o.count
+    (True, False, 1)
+    """
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.log = logger
+        self.count = 0  # outages seen
+        self.failures = 0  # failed attempts during the current outage
+        self.since: float | None = None  # monotonic start of the current outage
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, err: BaseException) -> bool:
+        """Count a failed attempt; True (and a warning logged) iff an outage starts here."""
+        with self._lock:
+            self.failures += 1
+            if self.since is not None:
+                return False
+            self.since = time.monotonic()
+            self.count += 1
+        self.log.warning(
+            "%s unavailable (%s: %s); retrying quietly", self.what, type(err).__name__, err
+        )
+        return True
+
+    def ok(self) -> bool:
+        """Note a success; True (and one info line) iff it ends an outage."""
+        if self.since is None:
+            return False
+        with self._lock:
+            since, failures, self.since, self.failures = self.since, self.failures, None, 0
+        if since is None:
+            return False
+        self.log.warning(
+            "%s back after %.1f s (%d failed attempts)",
+            self.what,
+            time.monotonic() - since,
+            failures,
+        )
+        return True
 
 
 # ---------------------------------------------------------------------------------- Redis

@@ -19,7 +19,23 @@ from osd.buffer.base import (
     _default_consumer,
 )
 
+__all__ = ["CLIENT_TIMEOUTS", "RedisStreamBuffer", "redis_client"]
+
 log = logging.getLogger(__name__)
+
+# Every client the project creates has these (a hung Redis must not hang its callers); no
+# read blocks server-side (XREADGROUP without BLOCK), so a reply never legitimately takes
+# seconds. Overridable per client.
+CLIENT_TIMEOUTS: dict[str, Any] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 2.0,
+    "health_check_interval": 30,
+}
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """``redis.Redis.from_url(url)`` with :data:`CLIENT_TIMEOUTS` unless given otherwise."""
+    return redis.Redis.from_url(url, **{**CLIENT_TIMEOUTS, **kwargs})
 
 
 def _text(value: bytes | str) -> str:
@@ -31,7 +47,8 @@ class RedisStreamBuffer:
 
     ``url_or_client``: a ``redis://``, ``rediss://`` or ``unix://`` URL (password in the URL
     or as ``password=``; extra keyword arguments go to ``redis.Redis.from_url``, e.g. TLS
-    options), or an existing ``redis.Redis`` created with ``decode_responses=False``.
+    options; socket timeouts default to :data:`CLIENT_TIMEOUTS`), or an existing
+    ``redis.Redis`` created with ``decode_responses=False``.
     """
 
     def __init__(
@@ -48,7 +65,7 @@ class RedisStreamBuffer:
         if isinstance(url_or_client, str):
             if password is not None:
                 client_kwargs["password"] = password
-            self.client = redis.Redis.from_url(url_or_client, **client_kwargs)
+            self.client = redis_client(url_or_client, **client_kwargs)
         else:
             self.client = url_or_client
         if getattr(self.client, "get_connection_kwargs", dict)().get("decode_responses"):
