@@ -5,6 +5,13 @@ pointer, the live history and the per-kind references. A store keeps it, with th
 bytes of each version: :class:`MemoryStore` in process (the metadata still round-trips
 through JSON, as on disk) or :class:`DiskStore` under a directory.
 
+**Epochs**: every drafter's metadata carries an ``epoch`` id, drawn when its base is
+registered into a store that does not hold it. A registry that finds its store emptied or
+replaced (another epoch) knows it, and versions are named ``(epoch, version, checksum)``
+(:meth:`VersionInfo.ref`): version numbers restart in a new epoch. ``events`` is the
+drafter's persisted history — gate decisions, promotions, rollbacks, replicas' adoptions,
+epoch changes — newest last, at most :data:`MAX_EVENTS`.
+
 A :class:`DiskStore` is owned by one registry process at a time; its writes are atomic
 (temp file + ``os.replace``), so a crash leaves either the old or the new index, never a
 torn one.
@@ -17,6 +24,7 @@ import json
 import math
 import os
 import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +44,7 @@ __all__ = [
     "RegistryStore",
     "VersionInfo",
     "check_drafter_id",
+    "new_epoch",
 ]
 
 KINDS = ("full", "lora")
@@ -43,6 +52,13 @@ STATUSES = ("candidate", "live", "rejected", "retired")
 INDEX_FORMAT = 1
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_EVENTS = 1000
+LEGACY_EPOCH = "legacy"  # indexes written before epochs
+
+
+def new_epoch() -> str:
+    """A fresh epoch id: UTC time (sortable, readable) and 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 class RegistryError(RuntimeError):
@@ -110,9 +126,12 @@ class VersionInfo:
     created: float = field(default_factory=time.time)  # unix time
     parent: int | None = None  # the version it was trained from
     lora: dict[str, Any] | None = None  # LoraSpec.to_dict() iff kind == "lora"
+    epoch: str = ""  # the epoch of the drafter's metadata it was stored in
 
     def __post_init__(self) -> None:
         check_drafter_id(self.drafter_id)
+        if not isinstance(self.epoch, str) or len(self.epoch) > 64:
+            raise ValueError(f"epoch must be a short string, got {self.epoch!r:.80}")
         _check_version(self.version)
         _check_kind(self.kind)
         if not isinstance(self.checksum, str) or not _HEX64.fullmatch(self.checksum):
@@ -147,6 +166,10 @@ class VersionInfo:
     def lora_spec(self) -> LoraSpec | None:
         return None if self.lora is None else LoraSpec.from_dict(self.lora)
 
+    def ref(self) -> dict[str, Any]:
+        """What names this version across registry restarts: epoch, version, checksum."""
+        return {"epoch": self.epoch, "version": self.version, "checksum": self.checksum}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -155,6 +178,8 @@ class VersionInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         if isinstance(doc, dict) and "lora" not in doc:  # indexes written before LoRA specs
             doc = {**doc, "lora": None}
+        if isinstance(doc, dict) and "epoch" not in doc:  # … and before epochs
+            doc = {**doc, "epoch": LEGACY_EPOCH}
         if not isinstance(doc, dict) or set(doc) != names:
             got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"a version entry needs exactly the keys {sorted(names)}; got {got}")
@@ -170,6 +195,16 @@ class DrafterMeta:
     live: int
     history: list[int] = field(default_factory=list)  # previously live, newest last
     references: dict[str, dict[str, TensorSpec]] = field(default_factory=dict)  # kind → spec
+    epoch: str = field(default_factory=new_epoch)
+    events: list[dict[str, Any]] = field(default_factory=list)  # history, newest last
+
+    def add_event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Append ``{"kind", "time", "epoch", **fields}`` (JSON-checked); keep the newest."""
+        event = _check_json(
+            "event", {"kind": kind, "time": time.time(), "epoch": self.epoch, **fields}
+        )
+        self.events = [*self.events[-(MAX_EVENTS - 1) :], event]
+        return event
 
     def info(self, version: int) -> VersionInfo:
         for info in self.versions:
@@ -192,6 +227,8 @@ class DrafterMeta:
                 for kind, spec in self.references.items()
             },
             "versions": [v.to_dict() for v in self.versions],
+            "epoch": self.epoch,
+            "events": list(self.events),
         }
 
     @classmethod
@@ -206,7 +243,14 @@ class DrafterMeta:
                 str(n): TensorSpec(tuple(int(d) for d in s["shape"]), str(s["dtype"]))
                 for n, s in spec.items()
             }
-        meta = cls(drafter_id, versions, _check_version(doc["live"]), [], refs)
+        epoch = doc.get("epoch", LEGACY_EPOCH)
+        if not isinstance(epoch, str) or not epoch or len(epoch) > 64:
+            raise ValueError(f"index of {drafter_id!r}: bad epoch {epoch!r:.80}")
+        events = doc.get("events", [])
+        if not isinstance(events, list):
+            raise ValueError(f"index of {drafter_id!r}: events must be a list")
+        events = [_check_json("event", e) for e in events[-MAX_EVENTS:]]
+        meta = cls(drafter_id, versions, _check_version(doc["live"]), [], refs, epoch, events)
         meta.history = [meta.info(_check_version(v)).version for v in doc["history"]]
         if meta.info(meta.live).status != "live":
             raise ValueError(f"index of {drafter_id!r}: live v{meta.live} is not marked live")

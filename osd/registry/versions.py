@@ -63,6 +63,7 @@ from torch import Tensor
 from osd.distill.lora import LoraSpec
 from osd.distill.record import DistillRecord
 from osd.distill.student import Student
+from osd.registry.epochs import EpochMixin
 from osd.registry.gate import (
     GateDecision,
     PromotionGate,
@@ -81,6 +82,7 @@ from osd.registry.store import (
 from osd.registry.weights import (
     TensorSpec,
     WeightValidationError,
+    check_lora_adapter,
     check_weights,
     checksum,
     spec_of,
@@ -95,17 +97,20 @@ logger = logging.getLogger(__name__)
 _checksum_of = checksum  # for `Registry.publish`, whose parameter `checksum` shadows it
 
 
-class Registry:
+class Registry(EpochMixin):
     """Per drafter id, an ordered list of validated versions and a live pointer.
 
     Metadata is cached in memory and written through to the store on every change; the
-    store write happens first, so a failed write leaves the registry as it was.
+    store write happens first, so a failed write leaves the registry as it was. Epochs,
+    the persisted history and recovery from an emptied store: :class:`EpochMixin`.
     """
 
     def __init__(self, store: RegistryStore | None = None) -> None:
         self.store: RegistryStore = MemoryStore() if store is None else store
         self._meta: dict[str, DrafterMeta] = {}
         self._lock = threading.RLock()
+        self._fresh: set[str] = set()  # epoch started or loaded here, nothing promoted since
+        self._lost: dict[str, dict[str, Any]] = {}  # drafter → live ref of an emptied store
 
     # -- reading
     def _get(self, drafter_id: str) -> DrafterMeta:
@@ -117,6 +122,7 @@ class Registry:
                 known = self.drafters()
                 raise RegistryError(f"unknown drafter {drafter_id!r}; registered: {known}")
             self._meta[drafter_id] = meta
+            self._fresh.add(drafter_id)
         return meta
 
     def drafters(self) -> list[str]:
@@ -182,12 +188,12 @@ class Registry:
         what = f"{drafter_id} v0 ({kind})"
         check_weights(state_dict, None, what)
         data = weights_to_bytes(state_dict)
-        info = VersionInfo(drafter_id, 0, kind, checksum(data), provenance or {}, status="live")
         with self._lock:
             try:
                 old = self._get(drafter_id).info(0)
             except RegistryError:
                 old = None
+            info = VersionInfo(drafter_id, 0, kind, checksum(data), provenance or {}, status="live")
             if old is not None:
                 if (old.checksum, old.kind) == (info.checksum, info.kind):
                     return copy.deepcopy(old)
@@ -198,9 +204,23 @@ class Registry:
             refs = {kind: spec_of(state_dict)}
             if lora_reference is not None:
                 refs["lora"] = spec_of(lora_reference)
+            meta = DrafterMeta(drafter_id, [], live=0, references=refs)
+            info = dataclasses.replace(info, epoch=meta.epoch)
+            meta.versions.append(info)
+            meta.add_event("epoch", started="register_base", base=info.ref())
+            lost = self._lost.pop(drafter_id, None)
+            if lost is not None:
+                meta.add_event("epoch", started="store emptied", lost_live=lost)
             self.store.put_weights(drafter_id, 0, data)
-            self._commit(DrafterMeta(drafter_id, [info], live=0, references=refs))
-        logger.info("registered %s v0 (%s, %d tensors)", drafter_id, kind, len(state_dict))
+            self._commit(meta)
+            self._fresh.add(drafter_id)
+        logger.info(
+            "registered %s v0 (%s, %d tensors), epoch %s",
+            drafter_id,
+            kind,
+            len(state_dict),
+            meta.epoch,
+        )
         return copy.deepcopy(info)
 
     def publish(
@@ -241,6 +261,14 @@ class Registry:
             if isinstance(weights, bytes | bytearray | memoryview):
                 given = bytes(weights)
                 weights = weights_from_bytes(given)
+            if kind == "lora":  # an adapter, not full weights, before it sets any reference
+                if lora is None:
+                    raise ValueError(
+                        f"{what} is a LoRA adapter without its LoRA spec (r, alpha, target "
+                        "modules, base version); publish it with lora=LoraSpec(...)"
+                    )
+                full = meta.references.get("full")
+                check_lora_adapter(weights, lora.r, lora.target_modules, full, what)
             check_weights(weights, meta.references.get(kind), what)
             data = weights_to_bytes(weights)
             digest = _checksum_of(data)
@@ -258,6 +286,7 @@ class Registry:
                 prov,
                 parent=parent,
                 lora=None if lora is None else lora.to_dict(),
+                epoch=meta.epoch,
             )
             meta.versions.append(info)
             self.store.put_weights(drafter_id, version, data)
@@ -288,7 +317,9 @@ class Registry:
             )
             meta.replace(info)
             meta.live = version
+            meta.add_event("promote", version=version, previous=old.version, why=evaluation or {})
             self._commit(meta)
+            self._fresh.discard(drafter_id)
         logger.info("promoted %s v%d (was v%d)", drafter_id, version, old.version)
         return copy.deepcopy(info)
 
@@ -308,6 +339,7 @@ class Registry:
             info = self._rejected(info, reason, evaluation)
             meta.replace(info)
             meta.history = [v for v in meta.history if v != version]
+            meta.add_event("reject", version=version, reason=str(reason))
             self._commit(meta)
         logger.info("rejected %s v%d: %s", drafter_id, version, reason)
         return copy.deepcopy(info)
@@ -317,8 +349,15 @@ class Registry:
         merged = {**info.evaluation, **(evaluation or {}), "reason": str(reason)}
         return dataclasses.replace(info, status="rejected", evaluation=merged)
 
-    def rollback(self, drafter_id: str, reason: str = "rolled back") -> VersionInfo:
-        """Put the previously live version back; the current one is marked rejected."""
+    def rollback(
+        self,
+        drafter_id: str,
+        reason: str = "rolled back",
+        evaluation: dict[str, Any] | None = None,
+        by: str = "operator",
+    ) -> VersionInfo:
+        """Put the previously live version back; the current one is marked rejected (with
+        ``evaluation`` merged in). ``by`` names who decided, in the history."""
         with self._lock:
             meta = copy.deepcopy(self._get(drafter_id))
             if not meta.history:
@@ -327,11 +366,20 @@ class Registry:
                     f"(live is v{meta.live})"
                 )
             current = meta.info(meta.live)
-            meta.replace(self._rejected(current, reason, None))
+            meta.replace(self._rejected(current, reason, evaluation))
             previous = dataclasses.replace(meta.info(meta.history.pop()), status="live")
             meta.replace(previous)
             meta.live = previous.version
+            meta.add_event(
+                "rollback",
+                version=current.version,
+                to=previous.version,
+                reason=str(reason),
+                by=str(by),
+                evaluation=evaluation or {},
+            )
             self._commit(meta)
+            self._fresh.discard(drafter_id)
         logger.warning("rolled %s back from v%d to v%d", drafter_id, current.version, meta.live)
         return copy.deepcopy(previous)
 

@@ -23,6 +23,7 @@ Example (two tensors; the order of the dict does not change the bytes)::
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from torch import Tensor
 __all__ = [
     "TensorSpec",
     "WeightValidationError",
+    "check_lora_adapter",
     "check_weights",
     "checksum",
     "spec_of",
@@ -158,3 +160,67 @@ def check_weights(
                 f"{what}: tensor {name!r} has {n_nan} NaN and {n_inf} inf values out of "
                 f"{t.numel()}; refusing non-finite weights"
             )
+
+
+_LORA_NAME = re.compile(
+    r"(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?\.weight"
+)
+_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)+")
+
+
+def check_lora_adapter(
+    weights: Mapping[str, Tensor],
+    r: int,
+    target_modules: tuple[str, ...] | list[str],
+    full_reference: Mapping[str, TensorSpec] | None,
+    what: str,
+) -> None:
+    """Refuse what is not a LoRA adapter of rank ``r`` on ``target_modules`` — full weights
+    published as ``kind="lora"`` above all — before anything is stored.
+
+    Every tensor must be a PEFT adapter tensor (``<module>.lora_A.weight`` /
+    ``<module>.lora_B.weight``, or the embedding variants), on a module whose name ends
+    with a target module, A and B in pairs, rank ``r`` in the right dimension, and — when
+    the module's own weight is in the full reference — fitting its in/out features.
+    """
+    _check_state_dict(weights, what)
+    targets = tuple(target_modules)
+    pairs: dict[str, set[str]] = {}
+    for name, t in weights.items():
+        m = _LORA_NAME.fullmatch(name)
+        if m is None:
+            raise WeightValidationError(
+                f"{what}: tensor {name!r} is not a LoRA adapter tensor (…lora_A.weight / "
+                "…lora_B.weight): kind='lora' takes an adapter; publish full weights as "
+                "kind='full'"
+            )
+        module, part = m["module"], m["part"]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf not in targets and not any(module.endswith("." + x) for x in targets):
+            raise WeightValidationError(
+                f"{what}: tensor {name!r} adapts {module!r}, not one of the spec's target "
+                f"modules {list(targets)}"
+            )
+        if t.dim() != 2:
+            raise WeightValidationError(f"{what}: LoRA tensor {name!r} is {t.dim()}-D, not 2-D")
+        rank_dim = 0 if part in ("A", "embedding_B") else 1
+        if t.shape[rank_dim] != r:
+            raise WeightValidationError(
+                f"{what}: LoRA tensor {name!r} has shape {list(t.shape)}; rank r={r} expected "
+                f"in dimension {rank_dim}"
+            )
+        pairs.setdefault(module, set()).add(part.removeprefix("embedding_"))
+        base = (full_reference or {}).get(_PEFT_PREFIX.sub("", module) + ".weight")
+        if base is not None and len(base.shape) == 2 and part in ("A", "B"):
+            want = base.shape[1] if part == "A" else base.shape[0]
+            got = t.shape[1] if part == "A" else t.shape[0]
+            if want != got:
+                raise WeightValidationError(
+                    f"{what}: LoRA tensor {name!r} has shape {list(t.shape)}; the module's "
+                    f"weight is {list(base.shape)}"
+                )
+    unpaired = sorted(mod for mod, parts in pairs.items() if parts != {"A", "B"})
+    if unpaired:
+        raise WeightValidationError(f"{what}: LoRA A/B tensors not in pairs for {unpaired[:5]}")
+    if not pairs:
+        raise WeightValidationError(f"{what}: an empty LoRA adapter")
