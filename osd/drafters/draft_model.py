@@ -157,9 +157,22 @@ class DraftModelDrafter(Drafter):
 
     # -- per sequence ------------------------------------------------------------------
     def start(self, state: DecodeState) -> None:
+        """A slot for the sequence, prefilled with the prompt but its last token (as the
+        target's): at the first step the catch-up then feeds the root only, instead of the
+        whole prompt padded across the batch it joins."""
         ds = _DraftSeq()
         ds.slot = self.cache.alloc(ds)
         state.draft = ds
+        n = min(len(state.tokens) - 1, self.context - 1)
+        if n <= 0:
+            return
+        self.cache.reserve(n + len(self.shape.parents) + 2)
+        pos = torch.arange(n)[None]
+        mask = causal_mask(torch.zeros(1, dtype=torch.long), torch.tensor([n]), n)
+        with torch.inference_mode():
+            ids = torch.tensor([state.tokens[:n]])
+            self.lm.forward(self.cache, torch.tensor([ds.slot]), ids, pos, pos, mask, logits=False)
+        ds.cached = n
 
     def release(self, state: DecodeState) -> None:
         ds: _DraftSeq | None = state.draft
@@ -210,11 +223,11 @@ class DraftModelDrafter(Drafter):
         self.cache.reserve(length + len(self.shape.parents) + 1)
         mask = causal_mask(starts, counts, length)
         slots = torch.tensor([d.slot for d in seqs])
-        logits, _ = self.lm.forward(self.cache, slots, ids, pos, pos, mask)
+        logits, _ = self.lm.forward(self.cache, slots, ids, pos, pos, mask, logits_at=counts - 1)
         for s, d in zip(states, seqs, strict=True):
             d.cached = d.committed = len(s.tokens)
             d.fed = 0
-        return logits[torch.arange(len(states)), counts - 1]
+        return logits
 
     def _feed(self, states: Sequence[DecodeState], ids: torch.Tensor, lo: int, hi: int):
         """Feed the level's nodes ``lo..hi-1`` (ids ``[a, hi - lo]``) after the earlier

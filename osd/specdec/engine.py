@@ -238,6 +238,7 @@ class SpeculativeDecoder:
             pos,
             causal_mask(torch.zeros(1, dtype=torch.long), torch.tensor([n]), n),
             hidden=self.drafter.needs_hidden_states,
+            logits=False,  # the root's logits come with the first verification
         )
         return None if h is None else h[0]
 

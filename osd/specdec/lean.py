@@ -24,6 +24,10 @@ One call: ``b`` sequences (slots), ``T`` new tokens each (padded)::
     mask       [b, T, L]   bool, True = may attend; L ≤ cache length; every row has ≥ 1 True
     -> logits  [b, T, V],  hidden [b, T, H] (after the final norm, as HF's hidden_states[-1])
 
+``logits_at`` ``[b]`` (a position per row) returns ``[b, V]`` logits there only, and
+``logits=False`` none (``None``): a prefill or a catch-up needs at most the last row, and
+the LM head over the vocabulary is a large share of a small model's forward.
+
 Supported: decoder stacks whose layers have ``self_attn.{q,k,v,o}_proj``,
 ``input_layernorm``, ``post_attention_layernorm``, ``mlp`` and a ``rotary_emb`` on the
 base model (Llama, Mistral, Qwen2, SmolLM2 …). Other architectures are refused with the
@@ -201,7 +205,10 @@ class LeanLM:
         write_at: torch.Tensor,  # [b, T]
         mask: torch.Tensor,  # [b, T, L] bool
         hidden: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        *,
+        logits_at: torch.Tensor | None = None,  # [b]: logits at this position of each row only
+        logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b, t = ids.shape
         length = mask.shape[-1]
         dev = self.device
@@ -241,7 +248,12 @@ class LeanLM:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
         h = self._norm(self.base.norm, h)
-        return self.model.lm_head(h), (h if hidden else None)
+        out = h if hidden else None
+        if not logits:
+            return None, out
+        if logits_at is not None:
+            h = h[torch.arange(b, device=dev), logits_at.to(dev)]  # [b, H]
+        return self.model.lm_head(h), out
 
 
 def causal_mask(starts: torch.Tensor, counts: torch.Tensor, length: int) -> torch.Tensor:
