@@ -15,10 +15,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import osd.registry
+import osd.registry.epochs
 import osd.registry.gate
 import osd.registry.promotion
 import osd.registry.store
 import osd.registry.versions
+import osd.registry.watch
 import osd.registry.weights
 from osd.distill.lora import LoraSpec, adapter_state_dict, wrap_lora
 from osd.distill.losses import expected_acceptance
@@ -512,6 +514,8 @@ REGISTRY_MODULES = [
     osd.registry.gate,
     osd.registry.promotion,
     osd.registry.versions,
+    osd.registry.epochs,
+    osd.registry.watch,
 ]
 
 

@@ -1,13 +1,25 @@
-"""Registry epochs, recovery from an emptied or replaced store, validation before any write,
+"""Registry epochs, the post-swap watch, recovery from an emptied or replaced store, validation before any write,
 persisted history (issue 13, point 3)."""
 
 import json
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from osd.distill.lora import LoraSpec
-from osd.registry import DiskStore, MemoryStore, Registry, RegistryError, WeightValidationError
+from osd.distill.record import build_record
+from osd.distill.student import CausalLMStudent
+from osd.registry import (
+    DiskStore,
+    MemoryStore,
+    PostSwapWatch,
+    Promoter,
+    PromotionGate,
+    Registry,
+    RegistryError,
+    WeightValidationError,
+)
 
 ID = "draft-a"
 SPEC = LoraSpec(r=2, alpha=4, target_modules=("q",), base_version=0)
@@ -132,3 +144,66 @@ def test_history_survives_a_restart_and_old_indexes_load(tmp_path):
     index.write_text(json.dumps(doc))
     old = Registry(DiskStore(tmp_path))
     assert old.epoch(ID) == "legacy" and old.ref(ID)["epoch"] == "legacy"
+
+
+# ---- the post-swap watch (issue 13, point 4) ---------------------------------------------------
+
+
+def live_records(version: int, n: int, proposed: int, accepted: int) -> list:
+    out = []
+    for i in range(n):
+        logits = torch.log_softmax(torch.randn(2, 32), -1)
+        r = build_record(f"{version}-{i}", [1, 2, 3, 4], 2, [2, 3], logits, k=4, drafter_id=ID,
+                         version=version)  # fmt: skip
+        r.meta.update(proposed=proposed, accepted=accepted)
+        out.append(r)
+    return out
+
+
+def tiny_student(seed: int) -> CausalLMStudent:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return CausalLMStudent(LlamaForCausalLM(cfg).eval())
+
+
+@pytest.mark.parametrize("live_accepted", [2, 7])  # of 10: α 0.2 → rolled back; 0.7 → kept
+def test_post_swap_watch_rolls_back_a_version_that_serves_worse(live_accepted, tmp_path):
+    reg = Registry(DiskStore(tmp_path))
+    watch = PostSwapWatch(margin=0.1, min_tokens=100)
+    promoter = Promoter(reg, ID, tiny_student(0), PromotionGate(min_records=1), watch=watch)
+    promoter.observe_live(live_records(0, 20, 10, 7))  # v0 live: α 0.7
+    gate_records = live_records(0, 2, 10, 7)
+    out = promoter.submit(tiny_student(0).module.state_dict(), "full", {}, gate_records)
+    assert out.promoted and reg.live_version(ID) == 1  # equal on the gate: promoted
+    promoter.observe_live(live_records(1, 5, 10, live_accepted))
+    assert promoter.check_watch() is None  # 50 tokens < min_tokens: wait
+    promoter.observe_live(live_records(1, 5, 10, live_accepted))
+    verdict = promoter.check_watch()
+    assert verdict["rollback"] == (live_accepted == 2) and verdict["previous_alpha"] == 0.7
+    assert promoter.check_watch() is None  # one verdict per promotion
+    again = Registry(DiskStore(tmp_path))  # the decision is in the persisted history
+    if verdict["rollback"]:
+        assert again.live_version(ID) == 0 and again.info(ID, 1).status == "rejected"
+        event = again.history(ID, "rollback")[-1]
+        assert event["by"] == "post-swap watch" and event["evaluation"]["watch"] == verdict
+        assert "fell" in again.info(ID, 1).evaluation["reason"]
+    else:
+        assert again.live_version(ID) == 1 and again.history(ID, "watch")[-1] == {
+            **again.history(ID, "watch")[-1],
+            **verdict,
+        }
+
+
+def test_watch_drops_a_version_no_longer_live_and_waits_for_a_baseline():
+    w = PostSwapWatch(margin=0.05, min_tokens=10)
+    w.start(3, previous=2)
+    w.observe(3, 10, 1)
+    assert w.check(live=3) is None  # no baseline for v2 yet: wait up to 4 × min_tokens
+    w.observe(3, 30, 3)
+    v = w.check(live=3)
+    assert not v.rollback and "no baseline" in v.reason
+    w.start(4, previous=3)
+    assert w.check(live=3) is None and w.watching is None  # v4 rolled back by someone else
+    with pytest.raises(ValueError, match="margin"):
+        PostSwapWatch(margin=1.5)

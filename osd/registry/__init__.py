@@ -8,7 +8,9 @@ checksum) → the **gate** scores it against the live version on held-out record
 Modules: :mod:`~osd.registry.weights` (canonical bytes, checksums, checks),
 :mod:`~osd.registry.store` (metadata; memory and disk stores), :mod:`~osd.registry.gate`
 (expected acceptance on held-out records), :mod:`~osd.registry.versions` (the registry),
-:mod:`~osd.registry.promotion` (publish → gate → promote, and loading any version).
+:mod:`~osd.registry.promotion` (publish → gate → promote, and loading any version),
+:mod:`~osd.registry.epochs` (an emptied or replaced store) and :mod:`~osd.registry.watch`
+(the post-swap watch: roll back a version that serves worse than its predecessor).
 """
 
 from osd.registry.gate import (
@@ -31,6 +33,7 @@ from osd.registry.store import (
     check_drafter_id,
 )
 from osd.registry.versions import Registry
+from osd.registry.watch import PostSwapWatch, WatchVerdict
 from osd.registry.weights import (
     TensorSpec,
     WeightValidationError,
@@ -50,6 +53,7 @@ __all__ = [
     "GateDecision",
     "MemoryStore",
     "Outcome",
+    "PostSwapWatch",
     "Promoter",
     "PromotionGate",
     "Registry",
@@ -57,6 +61,7 @@ __all__ = [
     "RegistryStore",
     "TensorSpec",
     "VersionInfo",
+    "WatchVerdict",
     "WeightValidationError",
     "check_drafter_id",
     "check_weights",

@@ -9,7 +9,13 @@ The one-process loop (:mod:`osd.online`) and the registry actor
 2. **gate** — the candidate and the live version are each loaded into a copy of the
    drafter's :class:`~osd.distill.student.Student` and scored on the held-out records
    (:class:`~osd.registry.gate.PromotionGate`: expected acceptance, no target pass);
-3. **promote** or **reject** — :meth:`Registry.gate_and_promote` records the verdict.
+3. **promote** or **reject** — :meth:`Registry.gate_and_promote` records the verdict;
+4. **watch** — after a promotion, :meth:`Promoter.observe_live` feeds live traffic's
+   acceptance to a :class:`~osd.registry.watch.PostSwapWatch` and :meth:`Promoter.check_watch`
+   rolls the version back when it serves worse than the one it replaced.
+
+:meth:`Promoter.sync` notices a store emptied under the registry (see
+:mod:`osd.registry.epochs`) and registers the base again: a new epoch.
 
 What is gated is what is served: both students load :meth:`Promoter.weights`, the full
 weights a replica adopts. A LoRA version is merged onto its spec's ``base_version`` from
@@ -41,6 +47,7 @@ from osd.distill.record import DistillRecord
 from osd.distill.student import Student
 from osd.registry.gate import PromotionGate
 from osd.registry.versions import Registry
+from osd.registry.watch import PostSwapWatch
 
 __all__ = ["Outcome", "Promoter"]
 
@@ -80,6 +87,7 @@ class Promoter:
         base: Student,
         gate: PromotionGate,
         provenance: dict[str, Any] | None = None,
+        watch: PostSwapWatch | None = None,
     ) -> None:
         if base.lora is not None:
             raise ValueError("the promoter's base student must hold plain weights, not LoRA")
@@ -87,9 +95,66 @@ class Promoter:
         self.drafter_id = drafter_id
         self.base = base
         self.gate = gate
+        self.watch = watch
+        self._provenance = provenance
         registry.register_base(drafter_id, base.module.state_dict(), provenance=provenance)
         self._live: tuple[int, Student] | None = None
         self._lock = threading.Lock()
+
+    def sync(self) -> str:
+        """:meth:`Registry.sync`; an emptied store gets the base again (a new epoch)."""
+        with self._lock:
+            status = self.registry.sync(self.drafter_id)
+            if status != "ok":
+                self._live = None
+                if self.watch is not None:
+                    self.watch.reset()
+            if status == "emptied":
+                state = self.base.module.state_dict()
+                self.registry.register_base(self.drafter_id, state, provenance=self._provenance)
+        return status
+
+    def observe_live(self, records: list[DistillRecord]) -> int:
+        """Feed live acceptance (records whose ``meta`` has ``proposed`` / ``accepted``) to
+        the watch; returns how many records counted."""
+        if self.watch is None:
+            return 0
+        n = 0
+        for r in records:
+            proposed, accepted = r.meta.get("proposed"), r.meta.get("accepted")
+            if isinstance(proposed, int) and isinstance(accepted, int):
+                self.watch.observe(r.version, proposed, accepted)
+                n += 1
+        return n
+
+    def check_watch(self) -> dict[str, Any] | None:
+        """The watch's verdict on the latest promotion, once it has one: a rollback (the
+        version rejected with the numbers, ``by="post-swap watch"``) or a "kept" event.
+        Both go into the registry's history; returns the verdict or ``None``."""
+        if self.watch is None:
+            return None
+        with self._lock:
+            verdict = self.watch.check(self.registry.live_version(self.drafter_id))
+            if verdict is None:
+                return None
+            out = verdict.to_dict()
+            if verdict.rollback:
+                self.registry.rollback(
+                    self.drafter_id,
+                    verdict.reason,
+                    {"watch": out},
+                    by="post-swap watch",
+                )
+                self._live = None
+            else:
+                self.registry.record_event(self.drafter_id, "watch", **out)
+        log.log(
+            logging.WARNING if verdict.rollback else logging.INFO,
+            "%s post-swap watch: %s",
+            self.drafter_id,
+            verdict.reason,
+        )
+        return out
 
     def submit(
         self,
@@ -113,7 +178,11 @@ class Promoter:
                 parent=live,
                 lora=lora,
             )
-            candidate = self.student(info.version)
+            try:
+                candidate = self.student(info.version)
+            except Exception as err:  # e.g. an adapter that does not fit: never a candidate
+                self.registry.reject(self.drafter_id, info.version, f"cannot load: {err}")
+                raise
             decision = self.registry.gate_and_promote(
                 self.drafter_id,
                 info.version,
@@ -124,6 +193,8 @@ class Promoter:
             )
             if decision.promote:
                 self._live = (info.version, candidate)
+                if self.watch is not None:
+                    self.watch.start(info.version, previous=live)
         log.info(
             "%s v%d %s: %s",
             self.drafter_id,

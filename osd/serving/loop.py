@@ -405,6 +405,10 @@ class ServingLoop:
         except Exception:
             log.exception("could not build the distill record of %s", req.request_id)
             return
+        if record is not None and result.version_start == result.version_end:
+            # one version served it all: its live acceptance (the registry's post-swap watch)
+            record.meta.setdefault("proposed", int(result.stats.proposed))
+            record.meta.setdefault("accepted", int(result.stats.accepted))
         if record is not None and self.on_record is not None:
             self._call(self.on_record, record)
 
