@@ -112,6 +112,7 @@ class ServeConfig:
     num_gpus: float = 0.0  # fractional: several replicas (and trainers) share a GPU
     drafter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {tree: "4,2,2"}
     max_batch: int = 32  # sequences stepped together per replica (continuous batching)
+    load_aware: bool = False  # the controller picks the draft depth per step (0 = off) by load
     max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
     threads: int = 1  # torch intra-op threads per replica (1 on small CPUs)
 
@@ -126,6 +127,7 @@ class ServeConfig:
             f"serve.drafter_options must be a mapping, got {self.drafter_options!r}",
         )
         _need(_int(self.max_batch, 1), "serve.max_batch must be an int >= 1")
+        _need(isinstance(self.load_aware, bool), "serve.load_aware must be true or false")
         _need(_int(self.max_ongoing_requests, 1), "serve.max_ongoing_requests must be >= 1")
         _need(_int(self.threads, 1), "serve.threads must be an int >= 1")
 

@@ -64,6 +64,7 @@ from osd.registry import (
     weights_from_bytes,
 )
 from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
+from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import SpeculativeDecoder
 
 __all__ = ["OSDServer", "api", "app_builder", "build_app", "build_decoder"]
@@ -92,7 +93,10 @@ def build_decoder(cfg: ClusterConfig, device: str | torch.device = "cpu") -> Spe
     draft = load_model(cfg.draft, device) if drafter_spec(cfg.drafter).needs_draft else None
     options = cfg.serve.drafter_config(cfg.drafter, cfg.k)
     drafter = build_drafter(cfg.drafter, target, draft, **options)
-    return SpeculativeDecoder(target, drafter, load_tokenizer(cfg.target))
+    controller = None
+    if cfg.serve.load_aware:  # depth per step from measured costs and the batch (0 = off)
+        controller = SpeculationController(k_max=max(1, cfg.k))
+    return SpeculativeDecoder(target, drafter, load_tokenizer(cfg.target), controller=controller)
 
 
 @serve.deployment(name="OSDServer", health_check_period_s=5, health_check_timeout_s=30)

@@ -177,6 +177,10 @@ def test_replica_decoder_builds_the_drafter_by_name():
     assert dec.drafter.state_dict() == {}  # nothing to hot-swap: the replica does not poll
     out = dec.generate("SELECT", max_new_tokens=4)
     assert len(out.tokens) <= 4 and out.stats.steps > 0
+    assert dec.controller is None  # fixed depth unless the replica is load-aware
+    aware = ClusterConfig.from_dict({"k": 3, "serve": {"load_aware": True}})
+    dec = build_decoder(aware, "cpu")
+    assert dec.controller is not None and dec.controller.k_min == 0 and dec.controller.k_max == 3
 
 
 # ---- the registry actor's promotion flow, without Ray -----------------------------------------
