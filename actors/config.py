@@ -91,6 +91,11 @@ class RegistryConfig:
     holdout_size: int = 32  # recent held-out records the gate evaluates on
     poll_s: float = 0.2  # replicas poll the live version this often (a dict lookup)
     num_cpus: float = 0.25
+    # post-swap watch: roll back a new live version whose acceptance on live traffic falls
+    # more than this (absolute α) below its predecessor's; null turns the watch off
+    watch_margin: float | None = 0.05
+    watch_min_tokens: int = 512  # draft tokens of live traffic per version before judging
+    maintain_s: float = 1.0  # the registry checks its store (epoch) and the watch this often
 
     def validate(self) -> None:
         _need(isinstance(self.store, str) and bool(self.store), "registry.store must be set")
@@ -99,6 +104,12 @@ class RegistryConfig:
         _need(_int(self.holdout_size, 1), "registry.holdout_size must be an int >= 1")
         _need(_num(self.poll_s) and self.poll_s > 0, "registry.poll_s must be > 0")
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "registry.num_cpus must be >= 0")
+        _need(
+            self.watch_margin is None or (_num(self.watch_margin) and 0 <= self.watch_margin < 1),
+            "registry.watch_margin must be in [0, 1) or null",
+        )
+        _need(_int(self.watch_min_tokens, 1), "registry.watch_min_tokens must be an int >= 1")
+        _need(_num(self.maintain_s) and self.maintain_s > 0, "registry.maintain_s must be > 0")
 
 
 @dataclass

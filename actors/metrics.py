@@ -20,6 +20,11 @@ metric                                                   meaning (DESIGN §7)
 ``osd:drafter_weight_version``                           live drafter version on this replica
 ``osd:drafter_swaps``                                    hot-swaps adopted
 ``osd:drafter_swap_pause_seconds``                       decode-loop pause per swap (histogram)
+``osd:drafter_watch_rollbacks``                          versions the post-swap watch rolled back
+``osd:drafter_watch_acceptance{version_role}``           live α of the last watched version
+                                                         (``live``) and its predecessor
+                                                         (``previous``), as the registry saw
+``osd:drafter_registry_epoch_info{epoch}``               1 for the registry's current epoch
 ======================================================  =======================================
 
 Counters are exposed with the ``_total`` suffix, as Prometheus clients do. Each replica
@@ -98,6 +103,26 @@ class ReplicaMetrics:
             registry=r,
         )
 
+        self.watch_rollbacks = Gauge(
+            "osd:drafter_watch_rollbacks",
+            "Live versions the registry's post-swap watch rolled back (its history).",
+            names,
+            registry=r,
+        )
+        self.watch_alpha = Gauge(
+            "osd:drafter_watch_acceptance",
+            "Live acceptance of the last watched version and of its predecessor.",
+            [*names, "version_role"],
+            registry=r,
+        )
+        self.epoch = Gauge(
+            "osd:drafter_registry_epoch_info",
+            "The registry's epoch (label); a new one means its store was emptied or replaced.",
+            [*names, "epoch"],
+            registry=r,
+        )
+        self._epoch: str | None = None
+
     def _l(self, metric, **extra: str):
         return metric.labels(**self._labels, **extra)
 
@@ -127,6 +152,21 @@ class ReplicaMetrics:
             self._l(self.records_logged, stream=stream).inc()
         else:
             self._l(self.records_dropped).inc()
+
+    def observe_registry(self, answer: dict) -> None:
+        """A poll answer of the registry actor: its epoch and the post-swap watch."""
+        epoch = str(answer.get("epoch", ""))
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                self.epoch.remove(*self._labels.values(), self._epoch)
+            self._epoch = epoch
+            self._l(self.epoch, epoch=epoch).set(1)
+        watch = answer.get("watch") or {}
+        self._l(self.watch_rollbacks).set(int(watch.get("rollbacks", 0)))
+        last = watch.get("last") or {}
+        for role, key in (("live", "live_alpha"), ("previous", "previous_alpha")):
+            if isinstance(last.get(key), int | float):
+                self._l(self.watch_alpha, version_role=role).set(float(last[key]))
 
     def set_load(self, running: int, waiting: int, version: int) -> None:
         self._l(self.running).set(running)

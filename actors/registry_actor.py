@@ -15,6 +15,14 @@ pointer. The flow of one version:
    (full weights; LoRA adapters merged onto their base version here, once) and adopt them
    between decode steps, then :meth:`report_adoption` with their pause.
 
+Hardening (issue 13): replicas :meth:`RegistryActor.poll` with the ref they serve
+``(epoch, version, checksum)`` and get keep / adopt / upload (:mod:`osd.registry.epochs`);
+a maintenance thread notices a store emptied or replaced (a new epoch: the replicas' weights
+become its live version through :meth:`RegistryActor.recover`, never a silent rollback), feeds
+the held-out records' live acceptance to the post-swap watch and rolls a version back when
+it serves worse than its predecessor. Gate decisions and adoptions go into the registry's
+persisted history, so a restarted actor reports them.
+
 A drafter with nothing to train (``ngram``, ``none``) has no versions: the actor then holds
 an empty registry, reports live version 0 and refuses publishes.
 
@@ -36,10 +44,19 @@ from osd.actors.config import ClusterConfig
 from osd.actors.record_sink import holdout_stream
 
 from osd.buffer import RedisStreamBuffer
+from osd.buffer.base import Outage
 from osd.distill.record import RecordError, decode
 from osd.drafters import build_drafter, build_student, drafter_spec
 from osd.models import load_model
-from osd.registry import DiskStore, Promoter, PromotionGate, Registry, checksum, weights_to_bytes
+from osd.registry import (
+    DiskStore,
+    PostSwapWatch,
+    Promoter,
+    PromotionGate,
+    Registry,
+    checksum,
+    weights_to_bytes,
+)
 
 __all__ = ["RegistryActor"]
 
@@ -85,6 +102,9 @@ class RegistryActor:
                 build_student(cfg.drafter, drafter),
                 PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
                 provenance={"source": cfg.draft},
+                watch=None
+                if cfg.registry.watch_margin is None
+                else PostSwapWatch(cfg.registry.watch_margin, cfg.registry.watch_min_tokens),
             )
         self.holdout_buffer = RedisStreamBuffer(
             self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
@@ -96,11 +116,40 @@ class RegistryActor:
             self.client.xgroup_setid(key, "gate", id="0")
         self._publish_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._serving_cache: dict[int, tuple[bytes, str]] = {}
+        self._serving_cache: dict[tuple[str, int], tuple[bytes, str]] = {}
         self.decisions: list[dict[str, Any]] = []
         self.adoptions: list[dict[str, Any]] = []
+        self.outage = Outage("registry: Redis", log)
+        self._stop = threading.Event()
         live = self.live_version(cfg.drafter_id)
         log.info("registry up: %s (%s) live v%d", cfg.drafter_id, cfg.drafter, live)
+        if self.promoter is not None:
+            self._maintainer = threading.Thread(
+                target=self._maintain, name="osd-registry-maintain", daemon=True
+            )
+            self._maintainer.start()
+
+    # -- epochs and the post-swap watch (a thread) -------------------------------------------
+    def _maintain(self) -> None:
+        while not self._stop.wait(self.cfg.registry.maintain_s):
+            try:
+                self.maintain()
+                self.outage.ok()
+            except Exception as err:  # Redis away: one line per outage, retried
+                self.outage.failed(err)
+
+    def maintain(self) -> dict[str, Any] | None:
+        """One round: notice an emptied / replaced store, feed and check the watch."""
+        promoter = self._promoter(self.drafter_id)
+        if promoter.sync() != "ok":
+            with self._lock:
+                self._serving_cache.clear()
+        if self._publish_lock.acquire(blocking=False):  # not during a gate evaluation
+            try:
+                self._refresh_holdout(self.drafter_id)
+            finally:
+                self._publish_lock.release()
+        return promoter.check_watch()
 
     # -- reads (cheap: polled by replicas) -----------------------------------------------
     def live_version(self, drafter_id: str) -> int:
@@ -125,18 +174,56 @@ class RegistryActor:
         return {"version": info.version, "kind": info.kind, "data": data, "lora": info.lora}
 
     def serving_weights(self, drafter_id: str, version: int) -> tuple[bytes, str]:
-        """Full weights of ``version`` as safetensors bytes and their sha256."""
+        """Full weights of ``version`` (this epoch) as safetensors bytes and their sha256."""
         promoter = self._promoter(drafter_id)
+        key = (self.registry.epoch(drafter_id), version)
         with self._lock:
-            hit = self._serving_cache.get(version)
+            hit = self._serving_cache.get(key)
         if hit is not None:
             return hit
         data = weights_to_bytes(promoter.weights(version))
         out = (data, checksum(data))
         with self._lock:
-            self._serving_cache = {v: d for v, d in self._serving_cache.items() if v > version - 3}
-            self._serving_cache[version] = out
+            self._serving_cache = {
+                k: d
+                for k, d in self._serving_cache.items()
+                if k[0] == key[0] and k[1] > version - 3
+            }
+            self._serving_cache[key] = out
         return out
+
+    def poll(self, drafter_id: str, serving: dict[str, Any] | None) -> dict[str, Any]:
+        """A replica's poll with the ref it serves: the live ref (its checksum: of the full
+        weights :meth:`serving_weights` sends), ``action`` keep / adopt / upload, and the
+        post-swap watch's rollbacks and last verdict (for the replicas' ``/metrics``)."""
+        promoter = self._promoter(drafter_id)
+        answer = self.registry.resolve(drafter_id, serving)
+        if answer["action"] != "upload":
+            answer["checksum"] = self.serving_weights(drafter_id, answer["version"])[1]
+            if serving is not None and serving == {k: answer[k] for k in serving}:
+                answer["action"] = "keep"
+        watch = self.registry.history(drafter_id, "rollback")
+        verdicts = [e for e in watch if e.get("by") == "post-swap watch"]
+        last = verdicts[-1]["evaluation"].get("watch") if verdicts else None
+        kept = self.registry.history(drafter_id, "watch")
+        if kept and (last is None or kept[-1]["time"] > verdicts[-1]["time"]):
+            last = kept[-1]
+        answer["watch"] = {"rollbacks": len(verdicts), "last": last}
+        if promoter.watch is None:
+            answer["watch"]["rollbacks"] = 0
+        return answer
+
+    def recover(
+        self, drafter_id: str, data: bytes, served: dict[str, Any], replica: str
+    ) -> dict[str, Any]:
+        """A replica's weights, when the store lost the version it serves: they become the
+        live version of this epoch (validated; checksum must match ``served``)."""
+        self._promoter(drafter_id)
+        with self._publish_lock:
+            ref = self.registry.recover(drafter_id, data, served, replica)
+        with self._lock:
+            self._serving_cache.clear()
+        return ref
 
     # -- publish → gate → promote --------------------------------------------------------
     def publish(
@@ -157,6 +244,8 @@ class RegistryActor:
             )
             out = {**outcome.to_dict(), "time": time.time()}
             self.decisions.append(out)
+            with contextlib.suppress(Exception):  # the history is best effort
+                self.registry.record_event(drafter_id, "decision", **outcome.to_dict())
         return out
 
     def _promoter(self, drafter_id: str) -> Promoter:
@@ -174,11 +263,15 @@ class RegistryActor:
             entries = self.holdout_buffer.read(stream, count=64)
             if not entries:
                 return
+            fresh = []
             for e in entries:
                 try:
-                    self.holdout.append(decode(e.data, vocab))
+                    fresh.append(decode(e.data, vocab))
                 except RecordError as err:
                     log.warning("dropping malformed held-out record %s: %s", e.id, err)
+            self.holdout.extend(fresh)
+            if self.promoter is not None:  # their live acceptance, for the post-swap watch
+                self.promoter.observe_live(fresh)
             self.holdout_buffer.ack(stream, [e.id for e in entries])
 
     def rollback(self, drafter_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
@@ -187,18 +280,35 @@ class RegistryActor:
             info = self.registry.rollback(drafter_id, reason)
         return info.to_dict()
 
+    def history(self, drafter_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """The registry's persisted events (decisions, promotions, rollbacks, adoptions,
+        epochs), newest last."""
+        if self.promoter is None:
+            return []
+        return self.registry.history(drafter_id, kind)
+
     # -- what replicas report ------------------------------------------------------------
-    def report_adoption(self, replica: str, version: int, pause_s: float, waited_s: float) -> None:
+    def report_adoption(
+        self,
+        replica: str,
+        version: int,
+        pause_s: float,
+        waited_s: float,
+        ref: dict[str, Any] | None = None,
+    ) -> None:
+        row = {
+            "replica": replica,
+            "version": version,
+            "pause_ms": 1e3 * pause_s,
+            "waited_ms": 1e3 * waited_s,
+            "time": time.time(),
+        }
         with self._lock:
-            self.adoptions.append(
-                {
-                    "replica": replica,
-                    "version": version,
-                    "pause_ms": 1e3 * pause_s,
-                    "waited_ms": 1e3 * waited_s,
-                    "time": time.time(),
-                }
-            )
+            self.adoptions.append(row)
+        if self.promoter is not None:
+            with contextlib.suppress(Exception):  # the history is best effort
+                extra = {} if ref is None else {"ref": ref}
+                self.registry.record_event(self.drafter_id, "adoption", **row, **extra)
 
     def report(self) -> dict[str, Any]:
         """Versions, gate decisions and adoptions (for the demo and operators)."""
@@ -210,11 +320,18 @@ class RegistryActor:
             holdout_len = self.holdout_buffer.length(holdout_stream(self.drafter_id))
         except Exception:  # Redis gone: the report is still useful
             holdout_len = -1
+        decisions = list(self.decisions)
+        with contextlib.suppress(Exception):  # persisted: survives a restart of this actor
+            history = self.history(self.drafter_id)
+            if history:
+                decisions = [e for e in history if e["kind"] == "decision"]
+                adoptions = [e for e in history if e["kind"] == "adoption"]
         return {
             "drafter_id": self.drafter_id,
             "live_version": self.live_version(self.drafter_id),
+            "epoch": "" if self.promoter is None else self.registry.epoch(self.drafter_id),
             "versions": self.versions(self.drafter_id),
-            "decisions": list(self.decisions),
+            "decisions": decisions,
             "adoptions": adoptions,
             "holdout_records": len(self.holdout),
             "holdout_stream_length": holdout_len,
@@ -222,3 +339,6 @@ class RegistryActor:
 
     def ping(self) -> bool:
         return True
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -56,14 +56,9 @@ from osd.distill.collect import RecordCollector
 from osd.distill.record import LogConfig
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
-from osd.registry import (
-    WeightValidationError,
-    check_weights,
-    checksum,
-    spec_of,
-    weights_from_bytes,
-)
+from osd.registry import spec_of
 from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
+from osd.serving.follow import VersionFollower
 from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import SpeculativeDecoder
 
@@ -144,6 +139,7 @@ class OSDServer:
         ).start()
         self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
         self._stop = threading.Event()
+        self.follower = VersionFollower(self.loop, self.reference, cfg.drafter_id)
         if self.reference:  # a drafter with weights: follow the registry's versions
             self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
             self._poller.start()
@@ -159,22 +155,28 @@ class OSDServer:
 
     # -- versions --------------------------------------------------------------------------
     def _poll(self) -> None:
-        """Follow the registry's live pointer; fetch, verify and offer new weights."""
+        """Follow the registry's live version by its ref (epoch, version, checksum): fetch,
+        verify and offer new weights; upload ours when the registry lost them
+        (:class:`~osd.serving.follow.VersionFollower`)."""
         import ray
 
         did, backoff = self.cfg.drafter_id, self.cfg.registry.poll_s
+        reg = self.registry
+
+        def poll(serving):
+            answer = ray.get(reg.poll.remote(did, serving), timeout=30)
+            self.metrics.observe_registry(answer)
+            return answer
+
+        def fetch(version):
+            return ray.get(reg.serving_weights.remote(did, version), timeout=120)
+
+        def upload(data, served):
+            return ray.get(reg.recover.remote(did, data, served, self.replica), timeout=120)
+
         while not self._stop.wait(backoff):
             try:
-                live = ray.get(self.registry.live_version.remote(did), timeout=30)
-                if live not in (self.loop.version, self.loop.pending_version):
-                    data, digest = ray.get(
-                        self.registry.serving_weights.remote(did, live), timeout=120
-                    )
-                    if checksum(data) != digest:
-                        raise WeightValidationError(f"{did} v{live}: checksum mismatch in transit")
-                    weights = weights_from_bytes(data)
-                    check_weights(weights, self.reference, f"{did} v{live}")
-                    self.loop.offer_weights(weights, live)
+                self.follower.step(poll, fetch, upload)
                 backoff = self.cfg.registry.poll_s
             except Exception as err:  # registry restarting, network: keep serving, retry
                 log.warning("version poll failed (%s); serving v%d", err, self.loop.version)
@@ -182,8 +184,9 @@ class OSDServer:
 
     def _on_swap(self, event: SwapEvent) -> None:
         self.metrics.observe_swap(event)
+        ref = self.follower.on_swap(event)
         self.registry.report_adoption.remote(
-            self.replica, event.version, event.pause_s, event.waited_s
+            self.replica, event.version, event.pause_s, event.waited_s, ref
         )
 
     def check_health(self) -> None:

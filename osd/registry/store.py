@@ -52,7 +52,7 @@ STATUSES = ("candidate", "live", "rejected", "retired")
 INDEX_FORMAT = 1
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-MAX_EVENTS = 1000
+MAX_EVENTS = 500
 LEGACY_EPOCH = "legacy"  # indexes written before epochs
 
 
