@@ -27,8 +27,10 @@ def test_default_methods_by_drafter_name():
     ngram = default_methods(3, ["ngram", "none"])
     assert [m.name for m in ngram] == ["target_only (HF)", "ours target_only", "ours ngram k=3"]
     assert ngram[0].kind == "hf"  # the reference of speedup and matches_target comes first
-    with pytest.raises(ValueError, match="unknown drafter 'medusa'; choose from"):
-        default_methods(4, ["medusa"])
+    with pytest.raises(ValueError, match="unknown drafter 'redrafter'; choose from"):
+        default_methods(4, ["redrafter"])
+    heads = default_methods(4, ["medusa", "eagle"])  # head drafters: one row each, by name
+    assert [m.name for m in heads][-2:] == ["medusa", "eagle"]
 
 
 def test_levels_and_percentiles():
