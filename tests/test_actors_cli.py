@@ -43,8 +43,8 @@ def test_bad_config_is_a_clear_error(app, tmp_path):
 def test_serve_names_the_drafter(app, tmp_path):
     r = runner.invoke(app, ["serve", "--help"])
     assert r.exit_code == 0 and "--drafter" in r.output and "--max-batch" in r.output
-    r = runner.invoke(app, ["serve", "--drafter", "medusa"])
-    assert r.exit_code == 2 and "unknown drafter 'medusa'" in r.output
+    r = runner.invoke(app, ["serve", "--drafter", "redrafter"])
+    assert r.exit_code == 2 and "unknown drafter 'redrafter'" in r.output
     bad = tmp_path / "t.yaml"
     bad.write_text("serve: {drafter_options: {depth: 3}}\n")
     r = runner.invoke(app, ["serve", "--config", str(bad), "--drafter", "ngram"])
