@@ -199,7 +199,9 @@ def launch(
                 "or $REDIS_URL (e.g. redis://:PASSWORD@redis-host:6379/0)"
             )
         server = EmbeddedRedis(  # persistent (AOF) and supervised: restarted if it dies
-            password=secrets.token_urlsafe(16), data_dir=cfg.buffer.data_dir
+            password=secrets.token_urlsafe(16),
+            data_dir=cfg.buffer.data_dir,
+            appendfsync=cfg.buffer.appendfsync,
         ).start()
         cfg = replace(cfg, buffer=replace(cfg.buffer, url=server.url))
     elif cfg.buffer.url is None:  # actors on other nodes lack this process's $REDIS_URL
