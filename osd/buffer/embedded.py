@@ -248,6 +248,10 @@ class EmbeddedRedis:
                         self.proc.kill()
                 delay = min(2 * delay, self.max_backoff_s)
                 continue
+            if self._stopping.is_set():  # stop() ran meanwhile: leave nothing behind
+                with contextlib.suppress(Exception):
+                    self.proc.kill()
+                return
             self.restarts += 1
             log.info("embedded redis-server restarted as pid %d", self.proc.pid)
             self.outage.ok()
