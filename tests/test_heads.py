@@ -104,7 +104,7 @@ def test_one_token_prompt_and_depth_caps(zoo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["medusa", "eagle"])
+@pytest.mark.parametrize("name", HEAD_DRAFTERS)
 def test_sampling_through_head_trees_is_exact(zoo, name):
     """First two sampled tokens (T = 1, top-k 8) vs the target's exact joint, chi-square."""
     target, tok = zoo
