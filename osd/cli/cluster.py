@@ -152,11 +152,19 @@ def serve(
         int | None,
         typer.Option(help="Sequences stepped together per replica (serve.max_batch)."),
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Target (target), e.g. smollm2 with its zoo draft; a target with a chat "
+            "template also answers POST /v1/chat/completions."
+        ),
+    ] = None,
     redis_url: RedisOpt = None,
 ) -> None:
     """Start the server alone on a local Ray (replicas + registry + trainers) and keep it up."""
     from osd.actors.cluster import launch as launch_cluster
     from osd.drafters import drafter_spec
+    from osd.models import default_draft
 
     if drafter is not None and trainers is None:
         try:
@@ -172,6 +180,7 @@ def serve(
             "drafter": drafter,
             "serve.max_batch": max_batch,
             "buffer.url": redis_url,
+            **({"target": target, "draft": default_draft(target)} if target else {}),
         },
     )
     try:
