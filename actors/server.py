@@ -251,6 +251,7 @@ class OSDServer:
             "records_written": self.sink.written,
             "records_dropped": self.sink.dropped,
             "records_backlog": self.sink.backlog,
+            "serving": self.follower.serving,  # the registry ref: (epoch, version, checksum)
             "swaps": [
                 {"version": s.version, "pause_ms": 1e3 * s.pause_s, "in_flight": s.in_flight}
                 for s in self.loop.swaps
