@@ -20,6 +20,7 @@ def test_default_methods_by_drafter_name():
         "ours target_only",
         "ours draft chain k=4",
         "ours draft chain adaptive",
+        "ours draft chain k=8 early-stop",
         "ours draft tree 2,2,1",
         "ours draft tree 4,2,2",
         "ours ngram k=4",

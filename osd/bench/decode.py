@@ -44,6 +44,7 @@ class Method:
     tree: str | None = None
     adaptive: bool = False
     shortlist: bool = False  # draft over the draft's frequent-token shortlist (FR-Spec)
+    early_stop: float | None = None  # the online decision model's threshold (chains)
 
 
 DEFAULT_DRAFTERS = ("draft_model", "ngram")
@@ -70,6 +71,7 @@ def _drafter_methods(name: str, k: int) -> list[Method]:
         return [
             Method(f"ours draft chain k={k}", "ours", "draft_model", k=k),
             Method("ours draft chain adaptive", "ours", "draft_model", k=8, adaptive=True),
+            Method("ours draft chain k=8 early-stop", "ours", "draft_model", k=8, early_stop=0.3),
             Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
             Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
         ]
@@ -138,6 +140,8 @@ def _runner(
 
         return run
     extra = {"shortlist": True} if method.shortlist else {}
+    if method.early_stop is not None:
+        extra["early_stop"] = method.early_stop
     drafter = build_drafter(
         method.drafter, target, draft, lenient=True, k=method.k, tree=method.tree, **extra
     )

@@ -71,12 +71,18 @@ def _draft_model(
     tree: str | tuple[int, ...] | None = None,
     without_replacement: bool = True,
     shortlist: bool = False,
+    early_stop: float | None = None,
 ) -> Drafter:
     if draft is None:
         raise ValueError("drafter 'draft_model' needs a draft model (--draft zoo:draft)")
     ids = draft_shortlist(draft) if shortlist else None
     return DraftModelDrafter(
-        draft, k=k, tree=tree, without_replacement=without_replacement, shortlist=ids
+        draft,
+        k=k,
+        tree=tree,
+        without_replacement=without_replacement,
+        shortlist=ids,
+        early_stop=early_stop,
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.specdec.decision import AcceptPredictor
 from osd.specdec.kvcache import moves
 from osd.specdec.lean import LeanLM, causal_mask
 from osd.specdec.sampling import SamplingParams, warp_probs
@@ -46,6 +47,7 @@ class _DraftSeq:
     cached: int = 0  # tokens of state.tokens whose K/V the draft cache holds
     committed: int = 0  # len(state.tokens) when the last tree was drafted (root included)
     fed: int = 0  # tree nodes of that tree fed into the cache after them
+    stop_feats: torch.Tensor | None = None  # early stop: features of the drafted positions
 
 
 def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -128,15 +130,23 @@ class DraftModelDrafter(Drafter):
         tree: str | tuple[int, ...] | None = None,
         without_replacement: bool = True,
         shortlist: Sequence[int] | None = None,
+        early_stop: float | None = None,
     ) -> None:
         """``shortlist``: target token ids the draft may propose (FR-Spec); its LM head
-        then runs over those rows only, and its choices map back to the target's ids."""
+        then runs over those rows only, and its choices map back to the target's ids.
+        ``early_stop``: a chain stops drafting a sequence where the online decision model
+        (:mod:`osd.specdec.decision`) predicts acceptance below this threshold."""
         super().__init__()
         if tree is None:
             if not isinstance(k, int) or k <= 0:
                 raise ValueError(f"k (draft length) must be a positive int, got {k!r}")
             tree = (1,) * k
         self.branching = parse_tree(tree)
+        self.stop = None
+        if early_stop is not None:
+            if any(c != 1 for c in self.branching):
+                raise ValueError("early_stop works on a chain (k), not on a tree")
+            self.stop = AcceptPredictor(threshold=float(early_stop))
         self.shape = _Shape.of(self.branching)
         self.model = model.eval()
         self.vocab = int(model.config.vocab_size)
@@ -266,8 +276,19 @@ class DraftModelDrafter(Drafter):
         probs: list[list[torch.Tensor]] = [[] for _ in act]
         greedy = all(s.sampling.greedy for s in act)
         deepest = max(limit[i] for i in active)
+        feats: list[torch.Tensor] = []
         for d in range(deepest):
             c = self.branching[d]
+            if self.stop is not None:  # chains only: frontier [a, 1, V]
+                f = self.stop.features(frontier[:, 0], d)
+                feats.append(f)
+                if d > 0:  # the decision model may end a chain here (never before depth 1)
+                    go = self.stop.keep_going(f).tolist()
+                    for i in range(len(act)):
+                        if not go[i] and d < limit[active[i]]:
+                            limit[active[i]] = d
+                    if all(d >= limit[j] for j in active):
+                        break
             if greedy:  # one top-c for every open node of every sequence
                 kids = self._ids(frontier.topk(c, dim=-1).indices).reshape(len(act), -1)
             else:
@@ -295,6 +316,8 @@ class DraftModelDrafter(Drafter):
             lo, hi = self.shape.levels[d]
             frontier = self._feed(act, kids, lo, hi)
         for i, s in enumerate(act):
+            if feats:
+                s.draft.stop_feats = torch.stack([f[i] for f in feats[: limit[active[i]]]])
             n = self.shape.levels[limit[active[i]] - 1][1]
             greedy_row = not probs[i] or probs[i][0] is None  # point masses
             p = None if greedy_row else torch.stack(probs[i][:n])
@@ -317,6 +340,12 @@ class DraftModelDrafter(Drafter):
             src += a
             dst += b
             ds.cached = ds.committed + len(kept)
+            if self.stop is not None and ds.stop_feats is not None:
+                # labels from verification: accepted positions 1, the first rejected one 0
+                depth, acc = r.tree.max_depth, r.accepted
+                labels = [1.0] * min(acc, depth) + ([0.0] if acc < depth else [])
+                self.stop.observe(ds.stop_feats, labels)
+                ds.stop_feats = None
         self.cache.move(torch.tensor(slots), torch.tensor(src), torch.tensor(dst))
 
     # -- weights -----------------------------------------------------------------------
