@@ -260,22 +260,39 @@ class MedusaStudent(HeadStudent):
 
 
 class EagleStudent(HeadStudent):
+    def _features(self, rec: DistillRecord, n: int) -> Tensor:
+        """``[n, H]``: the head's predicted features ``f̂`` after the logged pairs."""
+        base = self.drafter.base
+        feats = self._hidden(rec, n)[None]  # [1, n, H]
+        pos_np = np.asarray(rec.positions[:n], dtype=np.int64)
+        ids = torch.as_tensor(rec.token_ids[pos_np].astype(np.int64))[None]
+        x = self.module.fc(torch.cat([base.embed_tokens(ids.to(self.device)), feats], -1))
+        pos = torch.as_tensor(pos_np - 1)[None].to(self.device)
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None]
+        return eagle_layers(self.module, x, base.rotary_emb(x, pos), mask)[0]
+
     def predict(self, records: Sequence[DistillRecord], max_len: int | None = None) -> list[Tensor]:
         out = []
-        base = self.drafter.base
         for rec in records:
             n = self.predictable(rec, max_len)
             if n == 0:
                 out.append(torch.zeros(0, self.vocab_size, device=self.device))
                 continue
-            feats = self._hidden(rec, n)[None]  # [1, n, H]
-            pos_np = np.asarray(rec.positions[:n], dtype=np.int64)
-            ids = torch.as_tensor(rec.token_ids[pos_np].astype(np.int64))[None]
-            x = self.module.fc(torch.cat([base.embed_tokens(ids.to(self.device)), feats], -1))
-            pos = torch.as_tensor(pos_np - 1)[None].to(self.device)
-            mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None]
-            y = eagle_layers(self.module, x, base.rotary_emb(x, pos), mask)
-            out.append(self.lm_head(y[0]))
+            out.append(self.lm_head(self._features(rec, n)))
+        return out
+
+    def deeper_losses(self, records: Sequence[DistillRecord], name: str, beta: float) -> list:
+        """EAGLE's feature regression: smooth-L1 of ``f̂`` to the next logged hidden state
+        (row ``i + 1`` holds the true feature the head predicts from row ``i``), which keeps
+        the features it drafts deeper levels from on the target's."""
+        out = []
+        for rec in records:
+            n = self.predictable(rec)
+            if n == 0:
+                continue
+            true = self._hidden(rec, n + 1)[1:]
+            loss = F.smooth_l1_loss(self._features(rec, n), true, reduction="none")
+            out.append(loss.mean(-1))
         return out
 
 
