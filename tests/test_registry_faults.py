@@ -12,7 +12,7 @@ from osd.actors.registry_actor import RegistryActor
 from osd.buffer import EmbeddedRedis
 from osd.distill.record import build_record, encode
 from osd.models import load_model
-from osd.registry import checksum, spec_of, weights_to_bytes
+from osd.registry import WeightValidationError, checksum, spec_of, weights_to_bytes
 from osd.serving import SwapEvent
 from osd.serving.follow import VersionFollower
 
@@ -155,3 +155,20 @@ def test_post_swap_watch_rolls_back_through_the_actor_and_shows_in_metrics(draft
         assert any(d["version"] == 1 for d in restarted.report()["decisions"])
         actor.stop()
         restarted.stop()
+
+
+def test_follower_never_uploads_start_up_weights_and_refuses_a_bad_transfer(draft):
+    loop, _ = replica(lambda: None, draft.state_dict())
+    f = loop.follower
+    ref = {"epoch": "e1", "version": 3, "checksum": "0" * 64}
+    never = lambda *a: pytest.fail("must not be called")  # noqa: E731
+    assert f.step(lambda s: {**ref, "action": "upload"}, never, never) == "keep"  # serves none
+    data = perturbed(draft, 1e-3, 3)
+    with pytest.raises(WeightValidationError, match="checksum mismatch"):
+        f.step(lambda s: {**ref, "action": "adopt"}, lambda v: (data, checksum(data)), never)
+    assert loop.version == 0 and f.serving is None  # nothing offered
+    good = {**ref, "checksum": checksum(data)}
+    assert f.step(lambda s: {**good, "action": "adopt"}, lambda v: (data, good["checksum"]),
+                  never) == "adopt"  # fmt: skip
+    assert f.serving == good and loop.version == 3
+    assert f.step(lambda s: {**good, "action": "keep"}, never, never) == "keep"
