@@ -120,6 +120,9 @@ class RegistryActor:
         self.decisions: list[dict[str, Any]] = []
         self.adoptions: list[dict[str, Any]] = []
         self.outage = Outage("registry: Redis", log)
+        self._watch_summary: dict[str, Any] = {"rollbacks": 0, "last": None}
+        if self.promoter is not None:
+            self._summarise_watch()
         self._stop = threading.Event()
         live = self.live_version(cfg.drafter_id)
         log.info("registry up: %s (%s) live v%d", cfg.drafter_id, cfg.drafter, live)
@@ -149,7 +152,9 @@ class RegistryActor:
                 self._refresh_holdout(self.drafter_id)
             finally:
                 self._publish_lock.release()
-        return promoter.check_watch()
+        verdict = promoter.check_watch()
+        self._summarise_watch()
+        return verdict
 
     # -- reads (cheap: polled by replicas) -----------------------------------------------
     def live_version(self, drafter_id: str) -> int:
@@ -202,16 +207,22 @@ class RegistryActor:
             answer["checksum"] = self.serving_weights(drafter_id, answer["version"])[1]
             if serving is not None and serving == {k: answer[k] for k in serving}:
                 answer["action"] = "keep"
-        watch = self.registry.history(drafter_id, "rollback")
-        verdicts = [e for e in watch if e.get("by") == "post-swap watch"]
-        last = verdicts[-1]["evaluation"].get("watch") if verdicts else None
-        kept = self.registry.history(drafter_id, "watch")
-        if kept and (last is None or kept[-1]["time"] > verdicts[-1]["time"]):
-            last = kept[-1]
-        answer["watch"] = {"rollbacks": len(verdicts), "last": last}
-        if promoter.watch is None:
-            answer["watch"]["rollbacks"] = 0
+        answer["watch"] = self._watch_summary if promoter.watch is not None else None
         return answer
+
+    def _summarise_watch(self) -> None:
+        """The post-swap watch's rollbacks and last verdict, from the history (kept for
+        the polls, refreshed by :meth:`maintain`)."""
+        events = self.registry.history(self.drafter_id)
+        rollbacks = [
+            e for e in events if e["kind"] == "rollback" and e.get("by") == "post-swap watch"
+        ]
+        last = None
+        for e in reversed(events):
+            if e["kind"] == "watch" or e in rollbacks:
+                last = e if e["kind"] == "watch" else e["evaluation"].get("watch")
+                break
+        self._watch_summary = {"rollbacks": len(rollbacks), "last": last}
 
     def recover(
         self, drafter_id: str, data: bytes, served: dict[str, Any], replica: str
