@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from osd.kernels._common import _lse_pass
 
 __all__ = ["topk_tail"]
 
@@ -40,17 +41,9 @@ def _topk_tail_kernel(
     x_row = x_ptr + row * stride
     ar = tl.arange(0, BLOCK)
     # log-normaliser, online
-    mx = tl.full([], float("-inf"), tl.float32)
-    acc = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + ar
-        z = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        new = tl.maximum(mx, tl.max(z, 0))
-        acc = acc * tl.exp(mx - new) + tl.sum(tl.exp(z - new), 0)
-        mx = new
-    log_z = mx + tl.log(acc)
-    # k selection passes
     kk = tl.arange(0, KPAD)
+    log_z = _lse_pass(x_row, tl.full([KPAD], -1, tl.int64), V, 1.0, BLOCK, False)
+    # k selection passes
     taken = tl.full([KPAD], -1, tl.int64)
     for i in range(K):
         best = tl.full([], float("-inf"), tl.float32)
@@ -70,19 +63,8 @@ def _topk_tail_kernel(
         tl.store(ids_ptr + row * K + i, best_id)
         lp = tl.minimum(tl.maximum(best - log_z, LOG_FLOOR), 0.0)
         tl.store(lp_ptr + row * K + i, lp.to(tl.float16))
-    # the tail: log-sum-exp of the tokens not taken
-    mx = tl.full([], float("-inf"), tl.float32)
-    acc = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + ar
-        z = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        hit = tl.sum((offs.to(tl.int64)[:, None] == taken[None, :]).to(tl.int32), 1)
-        z = tl.where(hit > 0, float("-inf"), z)
-        new = tl.maximum(mx, tl.max(z, 0))
-        safe = tl.where(new == float("-inf"), 0.0, new)
-        acc = acc * tl.exp(mx - safe) + tl.sum(tl.exp(z - safe), 0)
-        mx = new
-    tail = tl.where(acc > 0, mx + tl.log(acc) - log_z, LOG_FLOOR)
+    # the tail: log-sum-exp of the tokens not taken (-inf when none is left)
+    tail = _lse_pass(x_row, taken, V, 1.0, BLOCK, True) - log_z
     tail = tl.minimum(tl.maximum(tail, LOG_FLOOR), 0.0)
     tl.store(tail_ptr + row, tail.to(tl.float16))
 
