@@ -15,6 +15,11 @@ import torch
 # against other processes (a 5-token forward went from 1 ms to 250 ms under load).
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels are tested in Triton's interpreter, which must be on
+# before any kernel module is imported (tests/test_kernels.py); nothing else runs Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -9,7 +9,6 @@ between an index and ``V``. The ``gpu`` tests repeat the checks on CUDA at servi
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -32,25 +31,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter
 
 @pytest.fixture(scope="module")
 def kern():
-    """The kernel modules, imported in the interpreter when there is no GPU."""
-    before = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
+    """The kernel modules (in Triton's interpreter without a GPU: tests/conftest.py)."""
     pytest.importorskip("triton")
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from osd.kernels import accept, losses, topk
-
-        if not CUDA:  # imported earlier without the interpreter: decorate the kernels again
-            from osd.kernels import _common
-
-            importlib.reload(_common)
-            accept, losses, topk = (importlib.reload(m) for m in (accept, losses, topk))
-    yield accept, topk, losses
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    return accept, topk, losses
 
 
 def random_parents(n: int, g: torch.Generator) -> list[int]:
