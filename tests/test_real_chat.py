@@ -6,7 +6,11 @@ server's message."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -24,24 +28,27 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def client(smollm2):
-    from osd.actors.cluster import launch
-    from osd.actors.config import ClusterConfig
+def client(smollm2, tmp_path_factory):
+    """``osd serve --target smollm2`` in its own process (as an operator starts it): a Ray
+    and Serve of its own, whatever earlier tests did with this process's."""
+    from osd.actors.cluster import wait_healthy
 
-    cfg = ClusterConfig.from_dict(
-        {
-            "model_name": "smollm2",
-            "target": "zoo:smollm2",
-            "drafter": "ngram",
-            "serve": {"port": free_port(), "num_cpus": 1},
-            "trainer": {"count": 0},
-        }
-    )
-    cluster = launch(cfg, num_cpus=2)
+    port = free_port()
+    config = tmp_path_factory.mktemp("serve") / "smollm2.yaml"
+    config.write_text("model_name: smollm2\n")
+    cmd = [sys.executable, "-m", "osd.cli.main", "serve", "--config", str(config)]
+    cmd += ["--target", "smollm2"]
+    cmd += ["--drafter", "ngram", "--trainers", "0", "--port", str(port)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
-        yield openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=420)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
     finally:
-        cluster.shutdown()
+        proc.send_signal(signal.SIGTERM)  # osd serve shuts Ray, Serve and Redis down cleanly
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_chat_answers_through_the_template(client):
