@@ -33,6 +33,14 @@ __all__ = ["accept_greedy_batch", "accept_sampling_batch"]
 BLOCK_V = 1024
 
 
+def _outputs(batch: int, width: int, device) -> tuple[torch.Tensor, ...]:
+    """What a walk kernel writes: path and accepted tokens ``[B, max(W, 1)]`` (-1 filled),
+    count, next token, bonus flag ``[B]``."""
+    path = torch.full((batch, max(width, 1)), -1, dtype=torch.long, device=device)
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    return path, path.clone(), zeros, zeros.clone(), zeros.to(torch.int8)
+
+
 @triton.jit
 def _greedy_kernel(
     tok_ptr,  # [B, n] int64
@@ -82,11 +90,7 @@ def accept_greedy_batch(
     tb = trees or TreeBatch.of(parents, batch, device)
     width = max(tb.max_depth, 0)
     tokens = tokens.to(device=device, dtype=torch.long).contiguous()
-    path = torch.full((batch, max(width, 1)), -1, dtype=torch.long, device=device)
-    acc_tok = path.clone()
-    count = torch.zeros(batch, dtype=torch.long, device=device)
-    nxt = torch.zeros(batch, dtype=torch.long, device=device)
-    bonus = torch.zeros(batch, dtype=torch.int8, device=device)
+    path, acc_tok, count, nxt, bonus = _outputs(batch, width, device)
     if batch:
         _greedy_kernel[(batch,)](
             tokens,
@@ -102,7 +106,7 @@ def accept_greedy_batch(
             n,
             max(width, 1),
         )
-    return BatchAcceptResult(path[:, :width], acc_tok[:, :width], count, nxt, bonus.to(torch.bool))
+    return BatchAcceptResult(path[:, :width], acc_tok[:, :width], count, nxt, bonus.bool())
 
 
 @triton.jit
@@ -290,11 +294,7 @@ def accept_sampling_batch(
         px = _float_tensor("p", p.to(device), (batch, n, vocab), dtype).contiguous()
     u = _uniforms(uniforms, (batch, n + 1), generator, device).to(dtype).contiguous()
     width = max(tb.max_depth, 0)
-    path = torch.full((batch, max(width, 1)), -1, dtype=torch.long, device=device)
-    acc_tok = path.clone()
-    count = torch.zeros(batch, dtype=torch.long, device=device)
-    nxt = torch.zeros(batch, dtype=torch.long, device=device)
-    bonus = torch.zeros(batch, dtype=torch.int8, device=device)
+    path, acc_tok, count, nxt, bonus = _outputs(batch, width, device)
     total = torch.zeros(batch, dtype=dtype, device=device)
     scratch = torch.empty(batch, vocab, dtype=dtype, device=device)
     if batch:
@@ -328,4 +328,4 @@ def accept_sampling_batch(
         )
     if bool((total <= 0).any()):
         raise ValueError("a target distribution row reached by the walk sums to 0")
-    return BatchAcceptResult(path[:, :width], acc_tok[:, :width], count, nxt, bonus.to(torch.bool))
+    return BatchAcceptResult(path[:, :width], acc_tok[:, :width], count, nxt, bonus.bool())
