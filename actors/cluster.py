@@ -110,6 +110,7 @@ def ensure_backend(cfg: ClusterConfig, detached: bool = False) -> tuple[Any, lis
                 detached,
                 num_cpus=cfg.trainer.num_cpus,
                 num_gpus=cfg.trainer.num_gpus,
+                resources=cfg.trainer.resources,
                 max_concurrency=4,
             )
         )

@@ -57,6 +57,18 @@ def _int(v: Any, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
+def _resources(v: Any, where: str) -> None:
+    """Custom Ray resources: names to amounts > 0 (CPU and GPU have keys of their own)."""
+    _need(isinstance(v, dict), f"{where} must be a mapping of resource name to amount")
+    for name, amount in v.items():
+        _need(isinstance(name, str) and bool(name), f"{where}: names must be strings")
+        _need(
+            name not in ("CPU", "GPU"),
+            f"{where}: {name} is set by num_cpus / num_gpus, not in resources",
+        )
+        _need(_num(amount) and amount > 0, f"{where}.{name} must be a number > 0")
+
+
 @dataclass
 class BufferConfig:
     """The Redis stream buffer and what replicas log into it."""
@@ -133,9 +145,13 @@ class ServeConfig:
     load_aware: bool = False  # the controller picks the draft depth per step (0 = off) by load
     max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
     threads: int = 1  # torch intra-op threads per replica (1 on small CPUs)
+    # custom Ray resources each replica asks for, e.g. {osd_replica: 1}: replicas go only
+    # to nodes that offer them (one per node when each offers 1)
+    resources: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         _need(isinstance(self.host, str) and bool(self.host), "serve.host must be set")
+        _resources(self.resources, "serve.resources")
         _need(_int(self.port, 1) and self.port < 65536, f"serve.port invalid: {self.port!r}")
         _need(_int(self.replicas, 1), "serve.replicas must be an int >= 1")
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "serve.num_cpus must be >= 0")
@@ -175,10 +191,12 @@ class TrainerConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     threads: int = 1
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per actor
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         _need(_int(self.count, 0), "trainer.count must be an int >= 0")
+        _resources(self.resources, "trainer.resources")
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "trainer.num_cpus must be >= 0")
         _need(_num(self.num_gpus) and self.num_gpus >= 0, "trainer.num_gpus must be >= 0")
         _need(_int(self.threads, 1), "trainer.threads must be an int >= 1")

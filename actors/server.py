@@ -386,6 +386,7 @@ def build_app(cfg: ClusterConfig):
         ray_actor_options={
             "num_cpus": cfg.serve.num_cpus,
             "num_gpus": cfg.serve.num_gpus,
+            "resources": cfg.serve.resources,
             "runtime_env": runtime_env(),
         },
     ).bind(cfg.to_dict())

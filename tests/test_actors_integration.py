@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(data_dir):
     from osd.actors.cluster import launch
     from osd.actors.config import ClusterConfig
@@ -53,7 +53,7 @@ def cluster(data_dir):
     c.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def drift(cluster, data_dir):
     """The replay every test below looks at: instruct, then math."""
     from osd.actors.replay import ReplayConfig, replay
