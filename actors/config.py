@@ -78,7 +78,14 @@ class BufferConfig:
     log_mode: str = "all"  # all | rejected (OSD)
     topk: int = 16  # target top-k logged per position
     log_rate: float = 1.0  # fraction of requests logged
-    holdout_every: int = 8  # every N-th record goes to the gate's held-out stream
+    holdout_every: int = 8  # 1 record in N goes to the gate's held-out stream
+    # which ones: a hash of (holdout_seed, request id), not arrival order (a client cannot
+    # aim its requests at the held-out set or away from it)
+    holdout_seed: int = 0
+    # no API key's records may exceed this share of the records admitted over the last
+    # key_window records offered, while another key is active (1.0: no cap)
+    key_max_share: float = 0.5
+    key_window: int = 512
     # the embedded Redis's append-only file: None = $OSD_REDIS_DIR, else a private temp dir
     # (survives Redis restarts, removed at shutdown); a directory keeps it across launches
     data_dir: str | None = None
@@ -98,6 +105,12 @@ class BufferConfig:
         _need(_int(self.topk, 1), f"buffer.topk must be an int >= 1, got {self.topk!r}")
         _need(_num(self.log_rate) and 0 <= self.log_rate <= 1, "buffer.log_rate must be in [0, 1]")
         _need(_int(self.holdout_every, 2), "buffer.holdout_every must be an int >= 2")
+        _need(_int(self.holdout_seed, 0), "buffer.holdout_seed must be an int >= 0")
+        _need(
+            _num(self.key_max_share) and 0 < self.key_max_share <= 1,
+            "buffer.key_max_share must be in (0, 1]",
+        )
+        _need(_int(self.key_window, 1), "buffer.key_window must be an int >= 1")
 
 
 @dataclass
@@ -145,6 +158,14 @@ class ServeConfig:
     load_aware: bool = False  # the controller picks the draft depth per step (0 = off) by load
     max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
     threads: int = 1  # torch intra-op threads per replica (1 on small CPUs)
+    # Bearer keys for /v1/* (and /metrics with metrics_auth); empty: $OSD_API_KEY (commas
+    # separate several), else no authentication
+    api_keys: list[str] = field(default_factory=list)
+    metrics_auth: bool = False
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    body_timeout_s: float = 10.0  # a body not complete by then gets 408
+    max_json_depth: int = 32
+    max_prompt_chars: int | None = None  # None: context × the longest token's characters
     # custom Ray resources each replica asks for, e.g. {osd_replica: 1}: replicas go only
     # to nodes that offer them (one per node when each offers 1)
     resources: dict[str, float] = field(default_factory=dict)
@@ -164,6 +185,26 @@ class ServeConfig:
         _need(isinstance(self.load_aware, bool), "serve.load_aware must be true or false")
         _need(_int(self.max_ongoing_requests, 1), "serve.max_ongoing_requests must be >= 1")
         _need(_int(self.threads, 1), "serve.threads must be an int >= 1")
+        _need(
+            isinstance(self.api_keys, list)
+            and all(isinstance(k, str) and k.strip() == k and k for k in self.api_keys),
+            "serve.api_keys must be a list of non-empty strings without spaces",
+        )
+        _need(isinstance(self.metrics_auth, bool), "serve.metrics_auth must be true or false")
+        _need(_int(self.max_body_bytes, 1024), "serve.max_body_bytes must be an int >= 1024")
+        _need(_num(self.body_timeout_s) and self.body_timeout_s > 0, "serve.body_timeout_s > 0")
+        _need(_int(self.max_json_depth, 4), "serve.max_json_depth must be an int >= 4")
+        _need(
+            self.max_prompt_chars is None or _int(self.max_prompt_chars, 1),
+            "serve.max_prompt_chars must be an int >= 1 or null",
+        )
+
+    @property
+    def keys(self) -> list[str]:
+        """The API keys in force: ``api_keys``, else ``$OSD_API_KEY`` (comma-separated)."""
+        if self.api_keys:
+            return list(self.api_keys)
+        return [k.strip() for k in os.environ.get("OSD_API_KEY", "").split(",") if k.strip()]
 
     def drafter_config(self, drafter: str, k: int) -> dict[str, Any]:
         """The options a replica passes to ``osd.drafters.build_drafter(drafter, ...)``: the

@@ -91,6 +91,15 @@ class ReplicaMetrics:
         self.records_dropped = counter(
             "osd:distill_records_dropped", "Distill records lost before reaching the buffer."
         )
+        self.records_quota_dropped = counter(
+            "osd:distill_records_quota_dropped",
+            "Distill records not used because their API key exceeded its share "
+            "(buffer.key_max_share).",
+            ("key",),
+        )
+        self.rejected = counter(
+            "osd:http_rejected", "Requests refused before decoding (4xx).", ("status",)
+        )
         self.version = Gauge(
             "osd:drafter_weight_version", "Drafter version being served.", names, registry=r
         )
@@ -152,6 +161,12 @@ class ReplicaMetrics:
             self._l(self.records_logged, stream=stream).inc()
         else:
             self._l(self.records_dropped).inc()
+
+    def observe_quota_drop(self, key: str) -> None:
+        self._l(self.records_quota_dropped, key=key).inc()
+
+    def observe_rejected(self, status: int) -> None:
+        self._l(self.rejected, status=str(status)).inc()
 
     def observe_registry(self, answer: dict) -> None:
         """A poll answer of the registry actor: its epoch and the post-swap watch."""

@@ -8,11 +8,12 @@ call them directly. Errors follow OpenAI's shape with a message that says what t
 
 Supported fields: ``model``, ``prompt`` (a string, a list of token ids, or a one-element
 list of either), ``max_tokens`` (default 16), ``temperature`` (default 1, as OpenAI; 0 is
-greedy), ``top_p``, ``top_k`` (vLLM's extension), ``stop`` (string or ≤ 4 strings),
-``seed``, ``stream``, ``n`` (only 1), ``user`` (ignored) and ``domain`` (OSD's extension: a
-tag stored with the request's distill record). Fields this server cannot honour
-(``logprobs``, ``echo``, ``best_of`` > 1, ``suffix``, penalties ≠ 0) are rejected, not
-silently ignored. A response carries the usual ``usage`` block and an ``osd`` block:
+greedy, and so is anything below ``GREEDY_EPS`` = 1e-5, as in vLLM: dividing logits by a
+tiny T overflows), ``top_p``, ``top_k`` (vLLM's extension), ``stop`` (string or ≤ 4 strings),
+``seed`` (0 ≤ seed < 2**64), ``stream``, ``n`` (only 1), ``user`` (ignored) and ``domain``
+(OSD's extension: a tag stored with the request's distill record). Fields this server
+cannot honour (``logprobs``, ``echo``, ``best_of`` > 1, ``suffix``, penalties ≠ 0, a
+non-empty ``logit_bias``) are rejected, not silently ignored; so are unknown fields. A response carries the usual ``usage`` block and an ``osd`` block:
 the drafter id and version and the request's acceptance statistics.
 """
 
@@ -28,6 +29,7 @@ from osd.serving import RequestResult
 from osd.specdec.sampling import SamplingParams
 
 __all__ = [
+    "GREEDY_EPS",
     "ApiError",
     "CompletionParams",
     "completion_chunk",
@@ -39,8 +41,10 @@ __all__ = [
 
 MAX_STOP = 4
 DEFAULT_MAX_TOKENS = 16
-_IGNORED = {"user", "logit_bias", "stream_options"}
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+_IGNORED = {"user", "stream_options"}
 _UNSUPPORTED = {  # field: the value that is the same as leaving it out
+    "logit_bias": {},
     "logprobs": None,
     "echo": False,
     "best_of": 1,
@@ -186,9 +190,11 @@ def parse_completion(body: Any, served_model: str) -> CompletionParams:
         )
     top_p = 1.0 if body.get("top_p") is None else body["top_p"]
     top_k = 0 if body.get("top_k") in (None, -1) else body["top_k"]  # vLLM: -1 is off
+    if temperature < GREEDY_EPS:
+        temperature = 0.0  # greedy: logits / T would overflow to inf, then NaN
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(f"seed must be an int, got {seed!r}", param="seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**64):
+        raise ApiError(f"seed must be an int in [0, 2**64), got {seed!r}", param="seed")
     try:
         sampling = SamplingParams(float(temperature), top_k, top_p, seed)
     except ValueError as err:

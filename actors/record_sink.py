@@ -3,9 +3,14 @@
 A :class:`RecordSink` takes finished requests' distill records from the serving loop
 (:meth:`RecordSink.submit` never blocks: a bounded queue, oldest-first writes on one
 thread) and appends them, msgpack-encoded (``osd.distill.record.encode``, never pickle),
-to the drafter's training stream — or, every ``holdout_every``-th record, to the
+to the drafter's training stream — or, for one record in ``holdout_every``, to the
 held-out stream ``<drafter_id>.holdout`` the registry's promotion gate evaluates on
-(records the trainers never see).
+(records the trainers never see). Which records are held out is a separate, seeded split
+(:func:`is_holdout`: a hash of the seed and the server-made request id), so neither
+arrival order nor anything a client sends decides it.
+
+Before the sink, :class:`KeyQuota` caps any one API key's share of the records used, so
+that one client cannot dominate what the draft learns (or what the gate judges by).
 
 Redis down (dead, restarting, hung): the writer keeps the record it holds and retries
 with back-off (up to ``max_backoff_s`` apart) until Redis answers, logging one line per
@@ -19,17 +24,19 @@ lost may be retried after it landed: delivery is at-least-once, as for the train
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 
 from osd.buffer import SampleBuffer
 from osd.buffer.base import Outage
 from osd.distill.record import DistillRecord, encode
 
-__all__ = ["RecordSink", "holdout_stream"]
+__all__ = ["KeyQuota", "RecordSink", "holdout_stream", "is_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,59 @@ log = logging.getLogger(__name__)
 def holdout_stream(drafter_id: str) -> str:
     """The stream of held-out records of ``drafter_id`` (read by the gate only)."""
     return f"{drafter_id}.holdout"
+
+
+def is_holdout(seed: int, request_id: str, every: int) -> bool:
+    """Whether ``request_id``'s record is held out: one in ``every``, by a hash of the seed
+    and the id (deterministic, independent of order and of the request's content).
+
+    >>> [is_holdout(0, f"cmpl-{i}", 4) for i in range(8)]
+    [False, False, True, False, False, False, True, False]
+    """
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % every == 0
+
+
+class KeyQuota:
+    """No key's admitted records above ``max_share`` of all admitted, over the last
+    ``window`` records offered, while another key is active in that window. A key that
+    offers at most ``max_share`` of the records is never throttled, nor is a lone client
+    (there is no one else to crowd out); a heavy key is sampled down to its share.
+
+    >>> q = KeyQuota(max_share=0.5, window=8)
+    >>> [q.admit("a") for _ in range(3)] + [q.admit("b"), q.admit("a"), q.admit("a")]
+    [True, True, True, True, False, False]
+    """
+
+    def __init__(self, max_share: float = 0.5, window: int = 512) -> None:
+        self.max_share = max_share
+        self._recent: deque[tuple[str, bool]] = deque(maxlen=window)
+        self._offered: Counter[str] = Counter()
+        self._admitted: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def admit(self, key: str) -> bool:
+        with self._lock:
+            others = len(self._offered) - (key in self._offered) > 0
+            offered, total = len(self._recent) + 1, sum(self._admitted.values()) + 1
+            ok = self.max_share >= 1 or not others  # a lone client crowds out no one
+            ok = ok or self._offered[key] + 1 <= self.max_share * offered  # not a heavy key
+            ok = ok or self._admitted[key] + 1 <= self.max_share * total
+            if len(self._recent) == self._recent.maxlen:
+                old, was = self._recent[0]
+                self._offered[old] -= 1
+                self._admitted[old] -= was
+                for c in (self._offered, self._admitted):
+                    if c[old] <= 0:
+                        del c[old]
+            self._recent.append((key, ok))
+            self._offered[key] += 1
+            if ok:
+                self._admitted[key] += 1
+            else:
+                self.dropped[key] += 1
+            return ok
 
 
 class RecordSink:
@@ -50,14 +110,15 @@ class RecordSink:
         on_write: Callable[[str, bool], None] | None = None,
         capacity: int = 1024,
         max_backoff_s: float = 1.0,
+        holdout_seed: int = 0,
     ) -> None:
         self.buffer = buffer
         self.drafter_id = drafter_id
         self.holdout_every = holdout_every
+        self.holdout_seed = holdout_seed
         self.on_write = on_write
         self.max_backoff_s = max_backoff_s
         self._queue: queue.Queue[DistillRecord | None] = queue.Queue(maxsize=capacity)
-        self._count = 0
         self.written = 0
         self.dropped = 0
         self.outage = Outage(f"record buffer ({drafter_id})", log)
@@ -85,9 +146,8 @@ class RecordSink:
     def backlog(self) -> int:
         return self._queue.qsize()
 
-    def _stream_of_next(self) -> str:
-        self._count += 1
-        if self._count % self.holdout_every == 0:
+    def _stream_of(self, record: DistillRecord) -> str:
+        if is_holdout(self.holdout_seed, record.request_id, self.holdout_every):
             return holdout_stream(self.drafter_id)
         return self.drafter_id
 
@@ -104,7 +164,7 @@ class RecordSink:
             if self._past_deadline():
                 self._dropped("closing: not written by the deadline")
                 continue
-            stream = self._stream_of_next()
+            stream = self._stream_of(record)
             try:
                 data = encode(record)
             except Exception:

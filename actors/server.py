@@ -20,16 +20,20 @@ with :func:`osd.drafters.build_drafter`; the draft model is loaded only for draf
 need one.
 
 Bad requests get a 4xx with an OpenAI-style error body (``osd.actors.openai_api``) and
-never reach the loop. :func:`app_builder` is the import path for ``serve run`` / KubeRay.
+never reach the loop: API key, media type, body size and read time, JSON shape
+(``osd.actors.http_guard``), then the fields, then the prompt's length in characters before
+it is tokenised (on a worker thread, not the event loop, so ``/health`` keeps answering).
+Records of finished requests pass a per-key quota (``KeyQuota``) on their way to the sink. :func:`app_builder` is the import path for ``serve run`` / KubeRay.
 """
 
 import asyncio
-import json
 import logging
 import os
 import socket
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from osd.actors.chat_api import chat_chunk, chat_response, new_chat_id, parse_chat, render_chat
 from osd.actors.config import REGISTRY_ACTOR, ClusterConfig, runtime_env
+from osd.actors.http_guard import ANONYMOUS, HttpGuard, error_response
 from osd.actors.metrics import CONTENT_TYPE_LATEST, ReplicaMetrics
 from osd.actors.openai_api import (
     ApiError,
@@ -49,11 +54,11 @@ from osd.actors.openai_api import (
     parse_completion,
     sse,
 )
-from osd.actors.record_sink import RecordSink
+from osd.actors.record_sink import KeyQuota, RecordSink
 from ray import serve
 
 from osd.distill.collect import RecordCollector
-from osd.distill.record import LogConfig
+from osd.distill.record import DistillRecord, LogConfig
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
 from osd.registry import spec_of
@@ -67,10 +72,6 @@ __all__ = ["OSDServer", "api", "app_builder", "build_app", "build_decoder"]
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="OSD", description="Speculative decoding with online-distilled drafts.")
-
-
-def _error(err: ApiError) -> JSONResponse:
-    return JSONResponse(status_code=err.status, content=err.body())
 
 
 def _replica_id() -> str:
@@ -105,10 +106,23 @@ class OSDServer:
         from osd.buffer import RedisStreamBuffer
         from osd.buffer.redis_stream import redis_client
 
-        self.cfg = cfg = ClusterConfig.from_dict(config)
+        cfg = ClusterConfig.from_dict(config)
         torch.set_num_threads(cfg.serve.threads)
-        device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.replica = _replica_id()
+        buffer = RedisStreamBuffer(
+            redis_client(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
+        )
+        self._start(cfg, buffer)
+        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
+        if self.reference:  # a drafter with weights: follow the registry's versions
+            self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
+            self._poller.start()
+
+    def _start(self, cfg: ClusterConfig, buffer) -> None:
+        """Everything but the registry: engine, loop, sink, HTTP guard (tests call this
+        without Ray)."""
+        self.cfg = cfg
+        device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.started = int(time.time())
         decoder = build_decoder(cfg, device)
         self.tokenizer = decoder.tokenizer
@@ -117,12 +131,19 @@ class OSDServer:
         self.context = decoder.context
         self.vocab = int(decoder.target.config.vocab_size)
         self.metrics = ReplicaMetrics(cfg.model_name, cfg.drafter_id)
-        buffer = RedisStreamBuffer(
-            redis_client(cfg.redis_url), consumer=self.replica, maxlen=cfg.buffer.maxlen
-        )
         self.sink = RecordSink(
-            buffer, cfg.drafter_id, cfg.buffer.holdout_every, on_write=self.metrics.observe_record
+            buffer,
+            cfg.drafter_id,
+            cfg.buffer.holdout_every,
+            on_write=self.metrics.observe_record,
+            holdout_seed=cfg.buffer.holdout_seed,
         )
+        self.guard = HttpGuard.from_config(cfg.serve)
+        self.guard.set_context(self.context, self.tokenizer)
+        self.quota = KeyQuota(cfg.buffer.key_max_share, cfg.buffer.key_window)
+        self._callers: OrderedDict[str, str] = OrderedDict()  # request id -> key name
+        self._callers_lock = threading.Lock()
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="osd-tokenize")
         log_cfg = LogConfig(
             mode=cfg.buffer.log_mode,
             k=cfg.buffer.topk,
@@ -133,16 +154,12 @@ class OSDServer:
             decoder,
             drafter_id=cfg.drafter_id,
             collector=RecordCollector(log_cfg),
-            on_record=self.sink.submit,
+            on_record=self._on_record,
             on_swap=self._on_swap,
             max_batch=cfg.serve.max_batch,
         ).start()
-        self.registry = ray.get_actor(REGISTRY_ACTOR, namespace=cfg.namespace)
         self._stop = threading.Event()
         self.follower = VersionFollower(self.loop, self.reference, cfg.drafter_id)
-        if self.reference:  # a drafter with weights: follow the registry's versions
-            self._poller = threading.Thread(target=self._poll, name="osd-version-poll", daemon=True)
-            self._poller.start()
         log.info(
             "replica %s up on %s (context %d, drafter %s %s, max batch %d)",
             self.replica,
@@ -152,6 +169,15 @@ class OSDServer:
             self.drafter_options,
             self.loop.max_batch,
         )
+
+    def _on_record(self, record: DistillRecord) -> None:
+        """A finished request's record: to the sink unless its key is over its share."""
+        with self._callers_lock:
+            key = self._callers.pop(record.request_id, ANONYMOUS)
+        if self.quota.admit(key):
+            self.sink.submit(record)
+        else:
+            self.metrics.observe_quota_drop(key)
 
     # -- versions --------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -215,7 +241,9 @@ class OSDServer:
         return JSONResponse(status_code=200 if self.loop.alive else 503, content=body)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Any:
+        if (denied := self._deny(request)) is not None:
+            return denied
         card = {
             "id": self.cfg.model_name,
             "object": "model",
@@ -236,13 +264,17 @@ class OSDServer:
         return {"object": "list", "data": [card]}
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        if (denied := self._deny(request, metrics=True)) is not None:
+            return denied
         running, waiting = self.loop.load
         self.metrics.set_load(running, waiting, self.loop.version)
         return Response(content=self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/osd/stats")
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, request: Request) -> Any:
+        if (denied := self._deny(request)) is not None:
+            return denied
         return {
             "replica": self.replica,
             "drafter_version": self.loop.version,
@@ -251,6 +283,7 @@ class OSDServer:
             "records_written": self.sink.written,
             "records_dropped": self.sink.dropped,
             "records_backlog": self.sink.backlog,
+            "records_quota_dropped": dict(self.quota.dropped),
             "serving": self.follower.serving,  # the registry ref: (epoch, version, checksum)
             "swaps": [
                 {"version": s.version, "pause_ms": 1e3 * s.pause_s, "in_flight": s.in_flight}
@@ -258,32 +291,46 @@ class OSDServer:
             ],
         }
 
+    def _deny(self, request: Request, metrics: bool = False) -> JSONResponse | None:
+        try:
+            self.guard.authorize(request, metrics)
+        except ApiError as err:
+            return self._reject(err)
+        return None
+
+    def _reject(self, err: ApiError) -> JSONResponse:
+        self.metrics.observe_rejected(err.status)
+        return error_response(err)
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` on the tokenising thread (one: HF tokenizers are not re-entrant)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, *args)
+
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return _error(ApiError(f"the request body is not valid JSON: {err}"))
-        try:
+            key = self.guard.authorize(request)
+            body = await self.guard.read_json(request)
             params = parse_completion(body, self.cfg.model_name)
-            serve_req = self._to_request(params)
+            serve_req = await self._off_loop(self._to_request, params)
         except ApiError as err:
-            return _error(err)
-        return await self._serve(serve_req, params.stream, completion_chunk, completion_response)
+            return self._reject(err)
+        return await self._serve(
+            serve_req, key, params.stream, completion_chunk, completion_response
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         """Messages through the target's chat template, then as ``/v1/completions``."""
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return _error(ApiError(f"the request body is not valid JSON: {err}"))
-        try:
+            key = self.guard.authorize(request)
+            body = await self.guard.read_json(request)
             chat = parse_chat(body, self.cfg.model_name)
-            ids = render_chat(self.tokenizer, chat.messages)
-            serve_req = self._to_request(replace(chat.completion, prompt=ids))
+            self.guard.check_chars(sum(len(m["content"]) for m in chat.messages))
+            ids = await self._off_loop(render_chat, self.tokenizer, chat.messages)
+            serve_req = await self._off_loop(self._to_request, replace(chat.completion, prompt=ids))
         except ApiError as err:
-            return _error(err)
+            return self._reject(err)
         serve_req = replace(serve_req, request_id=new_chat_id())
         first = [True]
 
@@ -292,11 +339,17 @@ class OSDServer:
             first[0] = False
             return doc
 
-        return await self._serve(serve_req, chat.completion.stream, chunk, chat_response)
+        return await self._serve(serve_req, key, chat.completion.stream, chunk, chat_response)
 
-    async def _serve(self, serve_req: ServeRequest, stream: bool, chunk, response) -> Response:
+    async def _serve(
+        self, serve_req: ServeRequest, key: str, stream: bool, chunk, response
+    ) -> Response:
         """Submit to the loop; answer with ``response(...)`` or stream ``chunk(...)``s."""
         cid = serve_req.request_id
+        with self._callers_lock:  # for the record quota; bounded (a request may log nothing)
+            self._callers[cid] = key
+            while len(self._callers) > 4096:
+                self._callers.popitem(last=False)
         events: asyncio.Queue[Delta] = asyncio.Queue()
         aloop = asyncio.get_running_loop()
         self.loop.submit(serve_req, lambda d: aloop.call_soon_threadsafe(events.put_nowait, d))
@@ -339,6 +392,7 @@ class OSDServer:
     def _to_request(self, params: CompletionParams) -> ServeRequest:
         """Tokenise and check the prompt against the context and vocabulary (→ 400)."""
         if isinstance(params.prompt, str):
+            self.guard.check_chars(len(params.prompt))
             ids = self.tokenizer(params.prompt, add_special_tokens=False).input_ids
         else:
             ids = params.prompt

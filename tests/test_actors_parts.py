@@ -9,7 +9,7 @@ import torch
 from osd.actors.config import ClusterConfig
 from osd.actors.demo import alpha_gain
 from osd.actors.metrics import ReplicaMetrics
-from osd.actors.record_sink import RecordSink, holdout_stream
+from osd.actors.record_sink import KeyQuota, RecordSink, holdout_stream, is_holdout
 from osd.actors.redis_store import RedisStore
 from osd.actors.replay import (
     ReplayRecord,
@@ -50,10 +50,31 @@ def test_sink_splits_training_and_holdout_streams():
     for i in range(8):
         sink.submit(record(i))
     sink.close()
-    assert buf.length("d") == 6 and buf.length(holdout_stream("d")) == 2
-    assert seen.count(("d.holdout", True)) == 2 and sink.written == 8
+    assert buf.length("d") == 5 and buf.length(holdout_stream("d")) == 3
+    assert seen.count(("d.holdout", True)) == 3 and sink.written == 8
     got = [decode(e.data).request_id for e in buf.read(holdout_stream("d"), 10)]
-    assert got == ["r3", "r7"]  # every 4th record
+    assert got == ["r1", "r5", "r6"]  # the seeded split: is_holdout(0, id, 4)
+
+
+def test_holdout_split_is_seeded_and_one_in_n():
+    ids = [f"cmpl-{i}" for i in range(8000)]
+    a = [is_holdout(0, r, 8) for r in ids]
+    assert a == [is_holdout(0, r, 8) for r in ids]  # deterministic
+    assert abs(sum(a) / len(a) - 1 / 8) < 0.01
+    b = [is_holdout(1, r, 8) for r in ids]
+    assert sum(x and y for x, y in zip(a, b, strict=True)) < 0.03 * len(ids)  # another split
+
+
+def test_key_quota_caps_one_keys_share_but_not_a_lone_client():
+    q = KeyQuota(max_share=0.5, window=64)
+    assert all(q.admit("key0") for _ in range(200))  # alone: nothing to crowd out
+    got = {"key0": 0, "key1": 0}
+    for i in range(2000):  # key0 sends 9 of every 10 records
+        key = "key1" if i % 10 == 0 else "key0"
+        got[key] += q.admit(key)
+    assert got["key1"] == 200  # the small client keeps all of its records
+    assert got["key0"] <= 0.55 * (got["key0"] + got["key1"])
+    assert q.dropped["key0"] > 1000 and q.dropped["key1"] == 0
 
 
 class DownBuffer(MemoryBuffer):
