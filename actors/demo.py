@@ -237,6 +237,7 @@ def run_demo(
             model=cluster_cfg.model_name,
             max_tokens=demo.max_tokens,
             concurrency=demo.concurrency,
+            api_key=next(iter(cluster_cfg.serve.keys), None),
         )
         warm = ReplayConfig(**{**asdict(rcfg), "send_domain": False})
         asyncio.run(replay_async([reqs[0]] * demo.warmup, warm))

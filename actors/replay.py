@@ -57,6 +57,7 @@ class ReplayConfig:
     timeout_s: float = 120.0
     send_domain: bool = True  # tag each request with its domain (stored with its record)
     keep_text: bool = False
+    api_key: str | None = None  # sent as 'Authorization: Bearer KEY' (osd serve --api-key)
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -147,7 +148,8 @@ async def replay_async(
     sem = asyncio.Semaphore(cfg.concurrency)
     out: list[ReplayRecord | None] = [None] * len(requests)
     limits = httpx.Limits(max_connections=cfg.concurrency + 2)
-    async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits, headers=headers) as client:
         t0 = time.perf_counter()
 
         async def one(i: int, req: ScheduledRequest) -> None:

@@ -36,6 +36,19 @@ ReplicasOpt = Annotated[int | None, typer.Option(help="Serving replicas (serve.r
 TrainersOpt = Annotated[
     int | None, typer.Option(help="Trainer actors (trainer.count); 0 serves without learning.")
 ]
+ApiKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--api-key",
+        envvar="OSD_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (serve.api_keys); repeat the flag "
+        "or separate keys by commas (also $OSD_API_KEY) for several.",
+    ),
+]
+MetricsAuthOpt = Annotated[
+    bool | None,
+    typer.Option("--metrics-auth/--no-metrics-auth", help="/metrics needs a key too."),
+]
 RedisOpt = Annotated[
     str | None,
     typer.Option(
@@ -53,6 +66,12 @@ def _config(path: Path | None, **overrides: Any):
         return load_config(path, **overrides)
     except (ValueError, TypeError) as err:
         fail(f"bad config: {err}")
+
+
+def _keys(values: list[str] | None) -> list[str] | None:
+    """``--api-key a --api-key b,c`` (or ``OSD_API_KEY="a,b"``) → ``[a, b, c]``."""
+    keys = [k.strip() for v in values or [] for k in v.split(",") if k.strip()]
+    return keys or None
 
 
 def _wait_for_interrupt(what: str) -> None:
@@ -90,6 +109,7 @@ def demo(
         Path | None, typer.Option(help="Write the α / latency PNG here (default: next to --json).")
     ] = None,
     data_dir: DataDir = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Local Ray + private Redis + zoo models: a drift replay with online distillation and
     hot-swaps, a live table, then results (JSON + PNG)."""
@@ -97,7 +117,7 @@ def demo(
     from osd.models import default_draft
 
     real = {"target": target, "draft": default_draft(target)} if target else {}
-    cfg = _config(config, **{"serve.port": port, **real})
+    cfg = _config(config, **{"serve.port": port, "serve.api_keys": _keys(api_key), **real})
     try:
         dcfg = DemoConfig(
             schedule=schedule,
@@ -160,6 +180,8 @@ def serve(
         ),
     ] = None,
     redis_url: RedisOpt = None,
+    api_key: ApiKeyOpt = None,
+    metrics_auth: MetricsAuthOpt = None,
 ) -> None:
     """Start the server alone on a local Ray (replicas + registry + trainers) and keep it up."""
     from osd.actors.cluster import launch as launch_cluster
@@ -180,6 +202,8 @@ def serve(
             "drafter": drafter,
             "serve.max_batch": max_batch,
             "buffer.url": redis_url,
+            "serve.api_keys": _keys(api_key),
+            "serve.metrics_auth": metrics_auth,
             **({"target": target, "draft": default_draft(target)} if target else {}),
         },
     )
@@ -256,9 +280,12 @@ def replay(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the α / latency PNG here.")] = None,
     data_dir: DataDir = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Send a workload schedule to /v1/completions at its arrival times; record latency,
     tokens, α and drafter version per request."""
+    from dataclasses import replace
+
     from osd.actors.replay import ReplayConfig, plot_replay, to_json
     from osd.actors.replay import replay as run_replay
     from osd.workloads.schedule import parse_schedule
@@ -266,6 +293,7 @@ def replay(
     try:
         reqs = parse_schedule(schedule, n, seed).build(data_dir=data_dir)
         cfg = ReplayConfig(url.rstrip("/"), model, max_tokens, temperature, concurrency)
+        cfg = replace(cfg, api_key=next(iter(_keys(api_key) or []), None))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     start = time.perf_counter()
