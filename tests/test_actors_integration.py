@@ -35,7 +35,7 @@ def cluster(data_dir):
 
     cfg = ClusterConfig.from_dict(
         {
-            "serve": {"port": free_port(), "num_cpus": 1},
+            "serve": {"port": free_port(), "num_cpus": 1, "body_timeout_s": 2.0},
             "buffer": {"holdout_every": 4},
             "registry": {"poll_s": 0.1, "gate_margin": 0.02},
             "trainer": {
@@ -139,6 +139,63 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(cluster, body, stat
     assert err["type"] == "invalid_request_error" and words in err["message"]
     ok = post(cluster, {"prompt": "Question: 1 + 1?\nAnswer:", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def _raw(cluster, head: bytes, body: bytes = b"", timeout_s: float = 30) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a raw socket (for what httpx will not send): (status, body)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(cluster.url)
+    with socket.create_connection((url.hostname, url.port), timeout=timeout_s) as s:
+        s.sendall(head + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 8:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_bad_input_through_serve_is_4xx_and_health_stays_fast(cluster):
+    """Issue 13 point 1 through the real Serve proxy: surrogate, nesting, media type,
+    a 10 MB body, a body shorter than its Content-Length; /health answers meanwhile."""
+    import threading
+
+    url = f"{cluster.url}/v1/completions"
+    js = {"content-type": "application/json"}
+    r = httpx.post(url, content=b'{"prompt": "\\ud800"}', headers=js, timeout=30)
+    assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=js)
+    assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = post(cluster, {"prompt": "x", "temperature": 1e-38, "max_tokens": 2})
+    assert r.status_code == 200
+    slow: list[float] = []
+
+    def probe(stop: threading.Event) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            assert httpx.get(f"{cluster.url}/health", timeout=10).status_code == 200
+            slow.append(time.monotonic() - t)
+            time.sleep(0.05)
+
+    stop = threading.Event()
+    prober = threading.Thread(target=probe, args=(stop,))
+    prober.start()
+    try:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        big = 10 * 2**20
+        status, _ = _raw(cluster, head + f"Content-Length: {big}\r\n".encode(), b"{")
+        assert status == 413
+        t = time.monotonic()
+        status, data = _raw(cluster, head + b"Content-Length: 100\r\n", b'{"prompt": "x"')
+        assert status == 408 and b"did not arrive" in data and time.monotonic() - t < 10
+    finally:
+        stop.set()
+        prober.join()
+    assert slow and max(slow) < 1.0, slow
 
 
 def test_invalid_json_is_a_400(cluster):
