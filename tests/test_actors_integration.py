@@ -326,3 +326,34 @@ def test_trainer_restart_resumes_from_the_live_version(cluster, drift):
     # the restarted trainer starts from the live version of its restart, not from v0
     # (it may already have published a newer one)
     assert live_before <= stats["resumed_from"] <= live
+
+
+def test_replica_killed_comes_back_serving_the_live_version(cluster, drift):
+    """Issue 13 point 6: Serve replaces a killed replica; the new one starts from the
+    zoo draft and adopts the registry's live version (it is not served v0)."""
+    import ray
+
+    live = settled_version(cluster)  # publishing paused: live stays put
+    assert live > 0
+    before = httpx.get(f"{cluster.url}/v1/osd/stats", timeout=10).json()
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "OSDServer" in a["name"] and "Controller" not in a["name"]
+    ]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            stats = httpx.get(f"{cluster.url}/v1/osd/stats", timeout=10).json()
+            if stats.get("replica") != before["replica"] and stats["drafter_version"] == live:
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        assert time.monotonic() < deadline, "no replacement replica serving the live version"
+        time.sleep(1.0)
+    assert stats["serving"]["version"] == live
+    r = post(cluster, {"prompt": "SELECT", "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["osd"]["drafter_version"] == live
+    ray.get([t.set_publishing.remote(True) for t in cluster.trainers])
