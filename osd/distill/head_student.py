@@ -10,9 +10,10 @@ positions ``t_0, t_0 + 1, …`` a head's prediction from ``hidden[i]`` of positi
   ``predict`` returns head 1's rows (what the gate scores: depth-1 acceptance), the
   objective trains every head.
 - :class:`EagleStudent`: pairs ``(hidden[i], token t_i)`` through the head, causally,
-  predict row ``i + 1``. It sees the logged (generated) part of the sequence only — the
-  prompt's states are not logged — a shorter history than when it drafts.
-
+  predict row ``i + 1``, after the pairs of everything before ``t_0`` (the prompt), as when
+  it drafts. The prompt's states are not logged (they would multiply a record's size); the
+  student recomputes them with one no-grad pass of the frozen target over the prefix,
+  cached per record (the gate scores the same held-out records for every candidate).
 So a head student's ``n`` predictions of a record are compared with rows ``1 .. n``
 (:meth:`HeadStudent.sparse_target`), not ``0 .. n - 1``.
 
@@ -25,6 +26,7 @@ discriminator and its optimiser live in the objective; ``after_step`` trains it.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -260,16 +262,41 @@ class MedusaStudent(HeadStudent):
 
 
 class EagleStudent(HeadStudent):
+    PREFIX_CACHE = 512  # records whose prefix features are kept
+
+    def __init__(self, drafter) -> None:
+        super().__init__(drafter)
+        self._prefix: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+
+    def _prefix_features(self, rec: DistillRecord, first: int) -> Tensor:
+        """``[first - 1, H]``: the target's last hidden states ``f_0 .. f_{first-2}`` of the
+        tokens before the first logged pair (one no-grad target pass, cached)."""
+        key = (rec.request_id, first)
+        if first <= 1:
+            return torch.zeros(0, self.module.fc.out_features, device=self.device)
+        if key not in self._prefix:
+            ids = torch.as_tensor(rec.token_ids[: first - 1].astype(np.int64))[None]
+            with torch.no_grad():
+                h = self.drafter.base(input_ids=ids.to(self.device)).last_hidden_state[0]
+            self._prefix[key] = h.float()
+            while len(self._prefix) > self.PREFIX_CACHE:
+                self._prefix.popitem(last=False)
+        self._prefix.move_to_end(key)
+        return self._prefix[key]
+
     def _features(self, rec: DistillRecord, n: int) -> Tensor:
-        """``[n, H]``: the head's predicted features ``f̂`` after the logged pairs."""
+        """``[n, H]``: the head's predicted features ``f̂`` at the logged pairs, after the
+        prefix's pairs ``(e(x_{j+1}), f_j)``, ``j < t_0 - 1``, as the drafter's cache holds
+        them when it drafts."""
         base = self.drafter.base
-        feats = self._hidden(rec, n)[None]  # [1, n, H]
-        pos_np = np.asarray(rec.positions[:n], dtype=np.int64)
-        ids = torch.as_tensor(rec.token_ids[pos_np].astype(np.int64))[None]
+        first = int(rec.positions[0])
+        feats = torch.cat([self._prefix_features(rec, first), self._hidden(rec, n)])[None]
+        ids = torch.as_tensor(rec.token_ids[1 : first + n].astype(np.int64))[None]
         x = self.module.fc(torch.cat([base.embed_tokens(ids.to(self.device)), feats], -1))
-        pos = torch.as_tensor(pos_np - 1)[None].to(self.device)
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None]
-        return eagle_layers(self.module, x, base.rotary_emb(x, pos), mask)[0]
+        length = first - 1 + n
+        pos = torch.arange(length, device=self.device)[None]
+        mask = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()[None]
+        return eagle_layers(self.module, x, base.rotary_emb(x, pos), mask)[0, first - 1 :]
 
     def predict(self, records: Sequence[DistillRecord], max_len: int | None = None) -> list[Tensor]:
         out = []
