@@ -128,6 +128,10 @@ class RegistryConfig:
     watch_margin: float | None = 0.05
     watch_min_tokens: int = 512  # draft tokens of live traffic per version before judging
     maintain_s: float = 1.0  # the registry checks its store (epoch) and the watch this often
+    # the store keeps the newest N versions (and always the base, live, rollback target and
+    # the bases of kept LoRA versions); older ones are deleted, weights and entry (a soak
+    # found Redis growing by every published version); null keeps all
+    keep_versions: int | None = 32
 
     def validate(self) -> None:
         _need(isinstance(self.store, str) and bool(self.store), "registry.store must be set")
@@ -142,6 +146,10 @@ class RegistryConfig:
         )
         _need(_int(self.watch_min_tokens, 1), "registry.watch_min_tokens must be an int >= 1")
         _need(_num(self.maintain_s) and self.maintain_s > 0, "registry.maintain_s must be > 0")
+        _need(
+            self.keep_versions is None or _int(self.keep_versions, 2),
+            "registry.keep_versions must be an int >= 2 or null",
+        )
 
 
 @dataclass

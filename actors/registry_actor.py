@@ -150,6 +150,9 @@ class RegistryActor:
         if self._publish_lock.acquire(blocking=False):  # not during a gate evaluation
             try:
                 self._refresh_holdout(self.drafter_id)
+                keep = self.cfg.registry.keep_versions
+                if keep is not None and len(self.registry.versions(self.drafter_id)) > keep:
+                    self.registry.gc(keep)  # bounded store: the newest `keep` + protected
             finally:
                 self._publish_lock.release()
         verdict = promoter.check_watch()

@@ -172,3 +172,22 @@ def test_follower_never_uploads_start_up_weights_and_refuses_a_bad_transfer(draf
                   never) == "adopt"  # fmt: skip
     assert f.serving == good and loop.version == 3
     assert f.step(lambda s: {**good, "action": "keep"}, never, never) == "keep"
+
+
+def test_the_store_keeps_only_the_newest_versions(draft):
+    """registry.keep_versions: a soak grew Redis by every published version (issue 13)."""
+    with EmbeddedRedis() as server:
+        actor = RegistryActor(config(server.url, keep_versions=3))
+        for rec in records(draft, 0, 4):
+            actor.holdout_buffer.put(holdout_stream(D), encode(rec))
+        for seed in range(1, 7):
+            data = perturbed(draft, 1e-4, seed)
+            assert actor.publish(D, data, "full", {"trainer": "t"}, checksum(data))["promoted"]
+        before = server.client().info("memory")["used_memory"]
+        actor.maintain()
+        kept = [v["version"] for v in actor.versions(D)]
+        assert kept == [0, 4, 5, 6] and actor.live_version(D) == 6  # base + newest 3
+        assert server.client().info("memory")["used_memory"] < before
+        actor.maintain()  # nothing more to remove
+        assert [v["version"] for v in actor.versions(D)] == kept
+        actor.stop()
