@@ -100,6 +100,13 @@ def demo(
             "(`osd models get smollm2`, `osd zoo build --target smollm2`)."
         ),
     ] = None,
+    drafter: Annotated[
+        str | None,
+        typer.Option(
+            help="Drafter to serve and train online (drafter), e.g. medusa, eagle, "
+            "koala-medusa (see `osd bench --help`); default: the topology's (draft_model)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     port: PortOpt = None,
     json_out: Annotated[
@@ -114,10 +121,20 @@ def demo(
     """Local Ray + private Redis + zoo models: a drift replay with online distillation and
     hot-swaps, a live table, then results (JSON + PNG)."""
     from osd.actors.demo import DemoConfig, run_demo
+    from osd.drafters import drafter_spec
     from osd.models import default_draft
 
     real = {"target": target, "draft": default_draft(target)} if target else {}
-    cfg = _config(config, **{"serve.port": port, "serve.api_keys": _keys(api_key), **real})
+    if drafter is not None:
+        try:
+            if not drafter_spec(drafter).trainable:
+                fail(f"osd demo trains its drafter online; {drafter!r} has nothing to train")
+        except ValueError as err:
+            fail(str(err))
+    keys = _keys(api_key)
+    cfg = _config(
+        config, **{"serve.port": port, "serve.api_keys": keys, "drafter": drafter, **real}
+    )
     try:
         dcfg = DemoConfig(
             schedule=schedule,
@@ -164,8 +181,9 @@ def serve(
     drafter: Annotated[
         str | None,
         typer.Option(
-            help="Drafter by name (drafter): draft_model, ngram, none (see osd.drafters); "
-            "one with nothing to train (ngram, none) starts no trainers."
+            help="Drafter by name (drafter): draft_model, ngram, medusa, eagle, koala-medusa, "
+            "koala-eagle, … (see osd.drafters); one with nothing to train (ngram, none) starts "
+            "no trainers."
         ),
     ] = None,
     max_batch: Annotated[
