@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 
-heads_app = typer.Typer(help="Draft heads (Medusa, EAGLE-style, KOALA).", no_args_is_help=True)
+heads_app = typer.Typer(
+    help="Draft heads (Medusa, EAGLE-style, KOALA, ReDrafter).", no_args_is_help=True
+)
 
 
 @heads_app.command("train")
 def heads_train(
-    kind: Annotated[str, typer.Option(help="medusa or eagle.")] = "medusa",
+    kind: Annotated[str, typer.Option(help="medusa, eagle or recurrent.")] = "medusa",
     layers: Annotated[int, typer.Option(help="KOALA's K: layers per head (1 = original).")] = 1,
     adversarial: Annotated[
         bool, typer.Option(help="KOALA's adversarial training (a discriminator).")
@@ -30,6 +32,10 @@ def heads_train(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens the target generates each.")] = 64,
     epochs: Annotated[int, typer.Option(help="Passes over the generated data.")] = 4,
     heads: Annotated[int, typer.Option(help="Medusa: number of heads.")] = 4,
+    length: Annotated[int, typer.Option(help="Recurrent: the next L tokens trained.")] = 5,
+    loss: Annotated[
+        str, typer.Option(help="Recurrent: soft (KL to the target's top-k) or hard (argmax CE).")
+    ] = "soft",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     data_dir: Annotated[Path | None, typer.Option(help="Data sets folder.")] = None,
 ) -> None:
@@ -44,7 +50,10 @@ def heads_train(
         raise typer.BadParameter(f"--kind must be one of {', '.join(HEAD_KINDS)}")
     if layers < 1:
         raise typer.BadParameter("--layers must be >= 1")
-    name = f"koala-{kind}" if (layers > 1 or adversarial) else kind
+    if loss not in ("soft", "hard"):
+        raise typer.BadParameter("--loss must be soft or hard")
+    koala = kind != "recurrent" and (layers > 1 or adversarial)
+    name = f"koala-{kind}" if koala else kind
     out = out or heads_dir(name)
     cfg = HeadTrainConfig(
         kind=kind,
@@ -55,6 +64,8 @@ def heads_train(
         max_new_tokens=max_new_tokens,
         epochs=epochs,
         seed=seed,
+        length=length,
+        target_loss=loss,
     )
     model, tok = load_model(target, "cpu"), load_tokenizer(target)
     with Progress(transient=True) as bar:

@@ -14,6 +14,9 @@ positions ``t_0, t_0 + 1, …`` a head's prediction from ``hidden[i]`` of positi
   it drafts. The prompt's states are not logged (they would multiply a record's size); the
   student recomputes them with one no-grad pass of the frozen target over the prefix,
   cached per record (the gate scores the same held-out records for every candidate).
+- :class:`RecurrentStudent` (ReDrafter): ``hidden[i]`` and the logged tokens from ``t_i``
+  on, through the recurrence, predict rows ``i + 1 .. i + L``.
+
 So a head student's ``n`` predictions of a record are compared with rows ``1 .. n``
 (:meth:`HeadStudent.sparse_target`), not ``0 .. n - 1``.
 
@@ -38,6 +41,7 @@ from osd.distill.losses import SparseTarget, distill_loss
 from osd.distill.record import DistillRecord
 from osd.distill.student import KDObjective, Objective, Student, distill_temperature
 from osd.drafters.heads import eagle_layers
+from osd.drafters.recurrent import unroll
 
 LOG_FLOOR = -30.0
 
@@ -323,6 +327,53 @@ class EagleStudent(HeadStudent):
         return out
 
 
+class RecurrentStudent(HeadStudent):
+    """ReDrafter's head: from ``hidden[i]`` and the logged tokens ``t_i, t_i + 1, …``
+    (teacher forced through the recurrence), depth ``j`` predicts row ``i + j``;
+    ``predict`` returns depth 1 (what the gate scores), the objective trains depths 1..L."""
+
+    def _unrolled(self, rec: DistillRecord, n: int, length: int) -> Tensor:
+        """``[n, length, H]`` features of depths ``1 .. length`` from rows ``0 .. n - 1``."""
+        pos = np.asarray(rec.positions[:n], dtype=np.int64)[:, None] + np.arange(length)
+        pos = np.minimum(pos, len(rec.token_ids) - 1)  # past the end: rows not used
+        ids = torch.as_tensor(rec.token_ids[pos].astype(np.int64)).to(self.device)
+        return unroll(self.module, self.drafter.embed, self._hidden(rec, n), ids)
+
+    def predict(self, records: Sequence[DistillRecord], max_len: int | None = None) -> list[Tensor]:
+        out = []
+        for rec in records:
+            n = self.predictable(rec, max_len)
+            if n == 0:
+                out.append(torch.zeros(0, self.vocab_size, device=self.device))
+                continue
+            out.append(self.lm_head(self._unrolled(rec, n, 1)[:, 0]))
+        return out
+
+    def deeper_losses(self, records: Sequence[DistillRecord], name: str, beta: float) -> list:
+        """Per-position KD losses of depths 2..L: depth j from row i against row i + j."""
+        out = []
+        length = self.drafter.shape.length
+        for rec in records:
+            run = _run(rec) if rec.hidden is not None else 0
+            if run <= 2:
+                continue
+            feats = self._unrolled(rec, run - 2, min(length, run - 1))
+            for j in range(2, feats.shape[1] + 1):
+                out.append(
+                    distill_loss(
+                        name,
+                        self.lm_head(feats[: run - j, j - 1]),
+                        _rows(rec, slice(j, run)),
+                        temperature=distill_temperature(rec),
+                        beta=beta,
+                        reduction="none",
+                    )
+                )
+        return out
+
+
 def head_student(drafter) -> HeadStudent:
     kind = drafter.config.kind
+    if kind == "recurrent":
+        return RecurrentStudent(drafter)
     return MedusaStudent(drafter) if kind == "medusa" else EagleStudent(drafter)

@@ -12,6 +12,10 @@ gives its last hidden states ``h_t`` and distributions ``q_t = softmax(lm_head(h
 - **EAGLE-style**: teacher-forced pairs ``(h_j + noise, x_{j+1})`` → ``f̂_{j+1}``; loss =
   smooth-L1 to ``h_{j+1}`` + soft cross-entropy of ``lm_head(f̂_{j+1})`` against
   ``q_{j+1}``.
+- **Recurrent** (ReDrafter): from ``h_{t-1}`` and the tokens ``x_t, x_{t+1}, …`` through
+  the recurrence, depth ``j`` learns ``q_{t+j-1}`` for ``j = 1 .. L`` (the next ``L``
+  tokens), ``soft`` (forward KL to the target's top-k + tail) or ``hard`` (cross-entropy
+  with the target's argmax); ``accuracy[j-1]`` is depth j's teacher-forced top-k accuracy.
 - ``adversarial`` (KOALA): + ``λ`` · the GAN term of
   :class:`~osd.distill.head_student.AdversarialObjective`, whose discriminator is trained
   after each head step.
@@ -33,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from osd.distill.head_student import AdversarialObjective
-from osd.distill.losses import SparseTarget
+from osd.distill.losses import SparseTarget, distill_loss
 from osd.drafters.heads import HeadConfig, build_heads, eagle_train_forward, save_heads
+from osd.drafters.recurrent import unroll
 from osd.specdec.engine import SpeculativeDecoder
 from osd.workloads.datasets import DOMAINS, load_domain
 
@@ -55,6 +60,9 @@ class HeadTrainConfig:
     lr: float = 2e-3
     adv_lambda: float = 0.1
     noise: float = 0.05  # eagle: std of the Gaussian noise on input features
+    length: int = 5  # recurrent: L, the depths trained
+    target_loss: str = "soft"  # recurrent: soft (top-k KL) | hard (argmax CE)
+    topk: int = 16  # recurrent, soft: the target's support kept
     held_out: float = 0.1
     seed: int = 0
 
@@ -122,6 +130,20 @@ def _medusa_pairs(heads, lm_head, feats, valid):
     for j in range(1, out.shape[2] + 1):
         ok = valid[:, :-j] & valid[:, j:]
         pairs.append((lm_head(out[:, :-j, j - 1][ok]), lm_head(feats[:, j:][ok])))
+    return pairs
+
+
+def _recurrent_pairs(module, target, ids, feats, valid, length: int):
+    """Per depth j: (head logits [m, V], target logits [m, V]) for roots t = 1 .. N - L:
+    context h_{t-1}, inputs x_t .. x_{t+L-1}, depth j against q_{t+j-1}."""
+    n = ids.shape[1] - length
+    inputs = ids[:, 1:].unfold(1, length, 1)  # [B, n, L]
+    pred = unroll(module, target.get_input_embeddings(), feats[:, :n], inputs)  # [B, n, L, H]
+    lm_head = target.get_output_embeddings()
+    pairs = []
+    for j in range(1, length + 1):
+        ok = valid[:, :n] & valid[:, j : n + j]
+        pairs.append((lm_head(pred[:, :, j - 1][ok]), lm_head(feats[:, j : n + j][ok])))
     return pairs
 
 
@@ -218,6 +240,14 @@ def _loss(module, target, lm_head, ids, feats, valid, cfg, adv):
                 fakes.append((lg.detach(), sp))
             terms.append(term.mean())
         return torch.stack(terms).mean(), fakes
+    if cfg.kind == "recurrent":
+        terms = []
+        for lg, tl in _recurrent_pairs(module, target, ids, feats, valid, cfg.length):
+            if cfg.target_loss == "hard":
+                terms.append(F.cross_entropy(lg, tl.argmax(-1)))
+            else:
+                terms.append(distill_loss("fkl", lg, _sparse(tl, cfg.topk)))
+        return torch.stack(terms).mean(), fakes
     pred, true = _eagle_pairs(
         module, target, ids, feats, valid, cfg.noise if module.training else 0
     )
@@ -242,11 +272,14 @@ def _val_loss(module, target, lm_head, val, cfg) -> float:
 
 @torch.no_grad()
 def measure_accuracy(module, target, lm_head, val, cfg, topk: int = 10) -> list[list[float]]:
-    """Medusa: ``acc[j-1][r]`` = P(target's token is head j's rank-r candidate). EAGLE: one
+    """Medusa: ``acc[j-1][r]`` = P(target's token is head j's rank-r candidate); recurrent:
+    the same per depth j, teacher-forced. EAGLE: one
     row, teacher-forced (true features), of the depth-1 prediction."""
     ids, feats, valid = _pad(val)
     if cfg.kind == "medusa":
         pairs = _medusa_pairs(module, lm_head, feats, valid)
+    elif cfg.kind == "recurrent":
+        pairs = _recurrent_pairs(module, target, ids, feats, valid, cfg.length)
     else:
         pred, true = _eagle_pairs(module, target, ids, feats, valid, 0.0)
         pairs = [(lm_head(pred), lm_head(true))]

@@ -10,7 +10,7 @@ A drafter that learns online also registers its **student** factory
 the registry get what to train, predict and version with :func:`build_student`, by name.
 
 >>> sorted(DRAFTERS)
-['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'ngram', 'none']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'ngram', 'none', 'recurrent']
 >>> build_drafter("ngram", None, k=3).k
 3
 >>> build_drafter("ngram", None, depth=3)
@@ -18,7 +18,7 @@ Traceback (most recent call last):
     ...
 ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
 >>> sorted(name for name, spec in DRAFTERS.items() if spec.trainable)
-['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'recurrent']
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ DRAFTERS: dict[str, DrafterSpec] = {
             student=_draft_model_student,
         ),
         DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
-        # medusa, eagle, koala-medusa, koala-eagle: osd.drafters.head_specs
+        # medusa, eagle, koala-medusa, koala-eagle, recurrent: osd.drafters.head_specs
         *(DrafterSpec(**spec) for spec in HEAD_SPECS),
     )
 }

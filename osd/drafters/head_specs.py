@@ -1,4 +1,5 @@
-"""The head drafters' registry entries: ``medusa``, ``koala-medusa``, ``eagle``, ``koala-eagle``.
+"""The head drafters' registry entries: ``medusa``, ``koala-medusa``, ``eagle``, ``koala-eagle``,
+``recurrent`` (ReDrafter).
 
 Each loads its heads from ``heads=DIR`` or, by default, from the zoo
 (``osd/zoo/artifacts/heads/<name>``, written by ``osd heads train``); the ``koala-`` ones
@@ -52,6 +53,25 @@ def _eagle_builder(name: str):
     return build
 
 
+def _recurrent(
+    target=None,
+    draft=None,
+    heads: str | None = None,
+    width: int = 4,
+    length: int = 5,
+    stochastic: bool = False,
+    all_levels: bool = True,
+) -> Drafter:
+    from osd.drafters.recurrent import RecurrentDrafter
+
+    if target is None:
+        raise ValueError("drafter 'recurrent' needs the target (its head reads its states)")
+    module, config = load_heads(heads or heads_dir("recurrent"), target)
+    if config.kind != "recurrent":
+        raise ValueError(f"drafter 'recurrent' needs a recurrent head; {heads} holds {config.kind}")
+    return RecurrentDrafter(target, module, config, width, length, stochastic, all_levels)
+
+
 def _student(drafter: Drafter):
     from osd.distill.head_student import head_student
 
@@ -85,6 +105,13 @@ HEAD_SPECS: list[dict] = [
         "build": _eagle_builder("koala-eagle"),
         "needs_draft": False,
         "summary": "KOALA: K-layer EAGLE-style head, adversarially trained",
+        "student": _student,
+    },
+    {
+        "name": "recurrent",
+        "build": _recurrent,
+        "needs_draft": False,
+        "summary": "ReDrafter: recurrent head, beam search into a dynamic prefix tree",
         "student": _student,
     },
 ]

@@ -34,14 +34,14 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 from osd.models import zoo_dir
 from osd.specdec.kvcache import KVCache
 
-HEAD_KINDS = ("medusa", "eagle")
+HEAD_KINDS = ("medusa", "eagle", "recurrent")
 
 
 @dataclass
 class HeadConfig:
     """What a head file says about itself (``heads.json``)."""
 
-    kind: str  # medusa | eagle
+    kind: str  # medusa | eagle | recurrent
     hidden_size: int
     vocab_size: int
     layers: int = 1  # KOALA's K (1 = the original single-layer head)
@@ -162,6 +162,10 @@ def eagle_train_forward(head: EagleHead, target, feats: Tensor, next_ids: Tensor
 def build_heads(config: HeadConfig, target) -> nn.Module:
     if config.kind == "medusa":
         return MedusaHeads(config.hidden_size, config.num_heads, config.layers)
+    if config.kind == "recurrent":  # ReDrafter's head: osd.drafters.recurrent
+        from osd.drafters.recurrent import RecurrentHead
+
+        return RecurrentHead(config.hidden_size, config.layers)
     return EagleHead(target.config, config.layers)
 
 
