@@ -58,19 +58,24 @@ def _decoder(zoo, shape):
     return SpeculativeDecoder(target, build_drafter(name, target, draft, **opts), tok)
 
 
-def _run_batched(dec, cases, sampling=None, admit_every=2):
-    """Continuous batching: admit one new sequence every ``admit_every`` steps, step all
-    live ones together, release each as it finishes."""
+def _run_batched(dec, cases, sampling=None, admit_every=2, admit_n=3):
+    """Continuous batching: admit ``admit_n`` new sequences (one batched prefill of ragged
+    prompts) every ``admit_every`` steps, step all live ones together, release each as it
+    finishes."""
     states: dict[int, object] = {}
     waiting = list(range(len(cases)))
     live: list[int] = []
     step = 0
     while waiting or live:
         if waiting and step % admit_every == 0:
-            i = waiting.pop(0)
-            ids, budget, _ = cases[i]
-            states[i] = dec.start(ids, budget, sampling(i) if sampling else None)
-            live.append(i)
+            new, waiting = waiting[:admit_n], waiting[admit_n:]
+            started = dec.start_batch(
+                [cases[i][0] for i in new],
+                [cases[i][1] for i in new],
+                [sampling(i) if sampling else None for i in new],
+            )
+            states.update(zip(new, started, strict=True))
+            live += new
         if live:
             dec.step_batch([states[i] for i in live])
             for i in [i for i in live if states[i].finished]:

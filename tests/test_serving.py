@@ -202,10 +202,10 @@ class Spy:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def start(self, *args, **kw):
-        state = self.inner.start(*args, **kw)
-        self.started.append(state)
-        return state
+    def start_batch(self, *args, **kw):
+        states = self.inner.start_batch(*args, **kw)
+        self.started += states
+        return states
 
     def step_batch(self, states, stats):
         assert not any(s.finished or s.released for s in states), "stepped a retired sequence"
@@ -319,3 +319,22 @@ def test_max_batch_is_bounded_by_the_engine(zoo):
     assert max(spy.batches) <= 2 and spy.released_once()
     with pytest.raises(ValueError, match="max_batch"):
         ServingLoop(spy, max_batch=0)
+
+
+def test_a_refused_request_admitted_with_others_fails_alone(zoo):
+    """Admission prefills the waiting requests together; one the engine refuses (ids
+    outside the vocabulary) fails with the reason, the others are served as if alone."""
+    loop, spy = spy_loop(zoo)
+    tok = zoo[2]
+    good = ragged_prompts(tok, [7, 12])
+    ev = Events(3)
+    loop.submit(ServeRequest("g0", good[0], 8), ev.callback("g0"))
+    loop.submit(ServeRequest("bad", [5, 10**9], 8), ev.callback("bad"))
+    loop.submit(ServeRequest("g1", good[1], 8), ev.callback("g1"))
+    ev.wait()
+    loop.stop()
+    err = ev.by_id["bad"][-1].error
+    assert isinstance(err, ValueError) and "vocabulary" in str(err)
+    for rid, ids in (("g0", good[0]), ("g1", good[1])):
+        assert ev.result(rid).token_ids == target_greedy(zoo, ids, 8)
+    assert loop.failed == 1 and spy.released_once()

@@ -80,6 +80,11 @@ class Drafter:
     def start(self, state: DecodeState) -> None:
         """A new sequence begins: set up ``state.draft``."""
 
+    def start_batch(self, states: Sequence[DecodeState]) -> None:
+        """Several sequences begin together (override to batch their set-up)."""
+        for state in states:
+            self.start(state)
+
     def propose(self, state: DecodeState, max_depth: int) -> TokenTree:
         """Candidates after ``state.tokens``, no deeper than ``max_depth``."""
         return TokenTree.empty()

@@ -36,7 +36,7 @@ import torch
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.specdec.decision import AcceptPredictor
 from osd.specdec.kvcache import moves
-from osd.specdec.lean import LeanLM, causal_mask
+from osd.specdec.lean import LeanLM, causal_mask, prefill
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.specdec.tree import TokenTree, ancestor_matrix
 
@@ -167,22 +167,25 @@ class DraftModelDrafter(Drafter):
 
     # -- per sequence ------------------------------------------------------------------
     def start(self, state: DecodeState) -> None:
-        """A slot for the sequence, prefilled with the prompt but its last token (as the
-        target's): at the first step the catch-up then feeds the root only, instead of the
-        whole prompt padded across the batch it joins."""
-        ds = _DraftSeq()
-        ds.slot = self.cache.alloc(ds)
-        state.draft = ds
-        n = min(len(state.tokens) - 1, self.context - 1)
-        if n <= 0:
+        self.start_batch([state])
+
+    def start_batch(self, states: Sequence[DecodeState]) -> None:
+        """A slot per sequence, prefilled with the prompt but its last token (as the
+        target's), all prompts together: at the first step the catch-up then feeds the root
+        only, instead of the whole prompt padded across the batch it joins."""
+        seqs = []
+        for state in states:
+            ds = _DraftSeq()
+            ds.slot = self.cache.alloc(ds)
+            state.draft = ds
+            ds.cached = max(0, min(len(state.tokens) - 1, self.context - 1))
+            seqs.append(state.tokens[: ds.cached])
+        longest = max(len(x) for x in seqs)
+        if longest == 0:
             return
-        self.cache.reserve(n + len(self.shape.parents) + 2)
-        pos = torch.arange(n)[None]
-        mask = causal_mask(torch.zeros(1, dtype=torch.long), torch.tensor([n]), n)
+        self.cache.reserve(longest + len(self.shape.parents) + 2)
         with torch.inference_mode():
-            ids = torch.tensor([state.tokens[:n]])
-            self.lm.forward(self.cache, torch.tensor([ds.slot]), ids, pos, pos, mask, logits=False)
-        ds.cached = n
+            prefill(self.lm, self.cache, [s.draft.slot for s in states], seqs)
 
     def release(self, state: DecodeState) -> None:
         ds: _DraftSeq | None = state.draft

@@ -290,8 +290,7 @@ class ServingLoop:
                 self._retire(seq, discard=True)
                 log.info("dropped %s: cancelled", seq.request.request_id)
             self._adopt()  # between steps, never inside one
-            for seq in admit:
-                self._admit(seq, cancelled)
+            self._admit([s for s in admit if s.request.request_id not in cancelled])
             if self._active:
                 self._step_batch()
         log.info("serving loop stopped after %d requests", self.finished)
@@ -316,18 +315,32 @@ class ServingLoop:
         if self.on_swap is not None:
             self._call(self.on_swap, event)
 
-    def _admit(self, seq: _Seq, cancelled: set[str]) -> None:
-        if seq.request.request_id in cancelled:
+    def _admit(self, seqs: list[_Seq]) -> None:
+        """Start the new sequences with one batched prefill; if that fails (a request the
+        engine refuses), start them one by one so only the bad one fails."""
+        if not seqs:
             return
-        req = seq.request
-        seq.admitted = time.perf_counter()
-        seq.version_start = self.version
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.admitted = now
+            seq.version_start = self.version
+        reqs = [s.request for s in seqs]
         try:
-            seq.state = self.decoder.start(req.prompt_ids, req.max_new_tokens, req.sampling)
+            states = self.decoder.start_batch(
+                [r.prompt_ids for r in reqs],
+                [r.max_new_tokens for r in reqs],
+                [r.sampling for r in reqs],
+            )
         except Exception as err:
-            self._fail(seq, err)
+            if len(seqs) == 1:
+                self._fail(seqs[0], err)
+            else:
+                for seq in seqs:
+                    self._admit([seq])
             return
-        self._active.append(seq)
+        for seq, state in zip(seqs, states, strict=True):
+            seq.state = state
+            self._active.append(seq)
 
     def _step_batch(self) -> None:
         """One ``step_batch`` over every active sequence, then each one's text and events."""

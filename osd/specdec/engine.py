@@ -24,7 +24,7 @@ from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.kernels import accept_greedy_batch, accept_sampling_batch
 from osd.specdec.accept import AcceptResult, accept_typical
 from osd.specdec.kvcache import moves
-from osd.specdec.lean import LeanLM, causal_mask
+from osd.specdec.lean import LeanLM, prefill
 from osd.specdec.ledger import Ledger
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.specdec.tree import TokenTree, pad_trees, tree_block
@@ -201,46 +201,54 @@ class SpeculativeDecoder:
         """Validate the request, give it a cache slot, prefill it and let the drafter set up.
 
         Every started state must leave through :meth:`release` (``generate`` does it)."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        sampling = sampling or SamplingParams()
-        ids = self.encode(prompt)
-        max_new = min(max_new_tokens, self.context - len(ids))
-        state = DecodeState(
-            tokens=list(ids),
-            prompt_len=len(ids),
-            max_new_tokens=max_new,
-            sampling=sampling,
-            generator=sampling.make_generator(),
-        )
-        with self.ledger.time("prefill"), torch.inference_mode():
-            state.slot = self.cache.alloc(state)
-            try:
-                state.target_hidden = self._prefill(state)
-                self.drafter.start(state)
-            except BaseException:
-                self.release(state)
-                raise
-        return state
+        return self.start_batch([prompt], [max_new_tokens], [sampling])[0]
 
-    def _prefill(self, state: DecodeState) -> torch.Tensor | None:
-        """Fill the slot with every token but the last (the pending root)."""
-        n = len(state.tokens) - 1
-        if n == 0:
-            return None
-        self.cache.reserve(n + 1)
-        pos = torch.arange(n)[None]
-        _, h = self.lm.forward(
-            self.cache,
-            torch.tensor([state.slot]),
-            torch.tensor([state.tokens[:-1]]),
-            pos,
-            pos,
-            causal_mask(torch.zeros(1, dtype=torch.long), torch.tensor([n]), n),
-            hidden=self.drafter.needs_hidden_states,
-            logits=False,  # the root's logits come with the first verification
-        )
-        return None if h is None else h[0]
+    def start_batch(
+        self,
+        prompts: Sequence[str | list[int]],
+        max_new_tokens: Sequence[int],
+        samplings: Sequence[SamplingParams | None] | None = None,
+    ) -> list[DecodeState]:
+        """:meth:`start` for many requests at once: their prompts prefilled together
+        (:func:`~osd.specdec.lean.prefill`: few target forwards instead of one each) and
+        the drafter's set-up batched. All or none: if any request is refused, none is
+        started (the caller may then start them one by one to find the bad one)."""
+        samplings = samplings or [None] * len(prompts)
+        states = []
+        for prompt, max_new, sampling in zip(prompts, max_new_tokens, samplings, strict=True):
+            if not isinstance(max_new, int) or max_new <= 0:
+                raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
+            sampling = sampling or SamplingParams()
+            ids = self.encode(prompt)
+            state = DecodeState(
+                tokens=list(ids),
+                prompt_len=len(ids),
+                max_new_tokens=min(max_new, self.context - len(ids)),
+                sampling=sampling,
+                generator=sampling.make_generator(),
+            )
+            states.append(state)
+        with self.ledger.time("prefill"), torch.inference_mode():
+            try:
+                for state in states:
+                    state.slot = self.cache.alloc(state)
+                hidden = self._prefill(states)
+                for state, h in zip(states, hidden, strict=True):
+                    state.target_hidden = h
+                self.drafter.start_batch(states)
+            except BaseException:
+                for state in states:
+                    self.release(state)
+                raise
+        return states
+
+    def _prefill(self, states: Sequence[DecodeState]) -> list[torch.Tensor | None]:
+        """Fill each slot with every token but the last (the pending root)."""
+        seqs = [s.tokens[:-1] for s in states]
+        self.cache.reserve(max(len(x) for x in seqs) + 1)
+        hidden = self.drafter.needs_hidden_states
+        # the root's logits come with the first verification
+        return prefill(self.lm, self.cache, [s.slot for s in states], seqs, hidden)
 
     # -- the four stages ---------------------------------------------------------------
     def step(self, state: DecodeState, stats: DecodeStats | None = None) -> StepResult:

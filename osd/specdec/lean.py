@@ -269,3 +269,55 @@ def causal_mask(starts: torch.Tensor, counts: torch.Tensor, length: int) -> torc
     allowed = col <= starts[:, None, None] + row  # [b, T, L]
     allowed &= (row < counts[:, None, None]) | (col == 0)
     return allowed
+
+
+PREFILL_TOKENS = 4096  # padded tokens per batched prefill forward: bounds its [b, T, T] mask
+
+
+def prefill(
+    lm: LeanLM,
+    cache: KVCache,
+    slots: list[int],
+    seqs: list[list[int]],
+    hidden: bool = False,
+) -> list[torch.Tensor | None]:
+    """Feed ``seqs[i]`` into cache slot ``slots[i]`` from position 0 — many prompts in few
+    forwards (rows sorted by length, grouped so one forward pads at most
+    :data:`PREFILL_TOKENS` tokens). The caller reserves the cache length. Returns each row's
+    last hidden states ``[len(seqs[i]), H]`` (``None`` without ``hidden`` or for an empty
+    row); K/V written past a row's end by the padding are never attended (every later
+    mask stops at the row's own length) and are overwritten as it grows.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32)
+    >>> lm = LeanLM(LlamaForCausalLM(cfg).eval())
+    >>> cache = lm.new_cache(slots=3)
+    >>> cache.reserve(8)
+    >>> h = prefill(lm, cache, [0, 1, 2], [[5, 6, 7], [], [9]], hidden=True)
+    >>> [None if x is None else tuple(x.shape) for x in h]
+    [(3, 16), None, (1, 16)]
+    """
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted((i for i, s in enumerate(seqs) if len(s)), key=lambda i: len(seqs[i]))
+    groups: list[list[int]] = []
+    for i in order:  # sorted: the newest row is the longest of its group
+        if groups and (len(groups[-1]) + 1) * len(seqs[i]) <= PREFILL_TOKENS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        b, t = len(group), len(seqs[group[-1]])
+        ids = torch.zeros(b, t, dtype=torch.long)
+        counts = torch.tensor([len(seqs[i]) for i in group])
+        for row, i in enumerate(group):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+        pos = torch.arange(t).repeat(b, 1)
+        mask = causal_mask(torch.zeros(b, dtype=torch.long), counts, t)
+        rows = torch.tensor([slots[i] for i in group])
+        _, h = lm.forward(cache, rows, ids, pos, pos, mask, hidden=hidden, logits=False)
+        if h is not None:
+            for row, i in enumerate(group):
+                out[i] = h[row, : len(seqs[i])]
+    return out
