@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Window", "accepted_proposed", "alpha_windows", "pooled_alpha"]
+__all__ = ["Window", "accepted_proposed", "alpha_windows", "pooled_alpha", "time_to_recover"]
 
 T = TypeVar("T")
 Counts = Callable[[Any], tuple[int, int]]
@@ -72,3 +72,34 @@ def alpha_windows(
         domains = Counter(getattr(r, "domain", None) for r in chunk)
         out.append(Window(start, chunk, domains.most_common(1)[0][0], pooled_alpha(chunk, counts)))
     return out
+
+
+def time_to_recover(
+    rows: Sequence[T],
+    shift: int,
+    counts: Counts = accepted_proposed,
+    window: int = 20,
+    before: int = 30,
+    tol: float = 0.05,
+) -> int | None:
+    """Requests after a shift (at row ``shift``) until α is back within ``tol`` of its
+    pre-shift level: the pooled α of the ``before`` rows before the shift against that of
+    a trailing ``window`` of post-shift rows; the answer counts the whole window, so
+    ``window`` is the fastest recovery it can see. ``None``: never within ``rows`` (or no
+    α before the shift).
+
+    >>> from types import SimpleNamespace as R
+    >>> rows = [R(accepted=a, proposed=10) for a in [8] * 4 + [2, 3, 5, 7, 8, 8]]
+    >>> time_to_recover(rows, shift=4, window=2, before=4)  # rows 7-8: α 0.75 >= 0.8 - 0.05
+    5
+    >>> time_to_recover(rows[:7], shift=4, window=2, before=4) is None
+    True
+    """
+    pre = pooled_alpha(rows[max(0, shift - before) : shift], counts)
+    if pre is None:
+        return None
+    for end in range(shift + window, len(rows) + 1):
+        a = pooled_alpha(rows[end - window : end], counts)
+        if a is not None and a >= pre - tol:
+            return end - shift
+    return None

@@ -167,3 +167,12 @@ def test_ragged_batch_acceptance_equals_one_tree_rules(stochastic):
         )
         assert batch[b] == one
         assert greedy[b] == accept_greedy(tree.tokens, tree.parents, q[b, : m + 1].argmax(-1))
+
+
+def test_lean_doctests():
+    """The worked examples of osd.specdec.lean (causal_mask, batched prefill)."""
+    import doctest
+
+    import osd.specdec.lean as lean
+
+    assert doctest.testmod(lean).failed == 0
