@@ -248,6 +248,7 @@ def launch(
     down: Annotated[
         bool, typer.Option("--down", help="Tear the topology down instead of starting it.")
     ] = False,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Deploy an explicit topology (replicas, trainers, drafter, loss, buffer) on a cluster;
     named actors and the Serve app outlive this command when joining an existing cluster."""
@@ -256,7 +257,7 @@ def launch(
     from osd.actors.cluster import Cluster, start_ray
     from osd.actors.cluster import launch as launch_cluster
 
-    cfg = _config(config)
+    cfg = _config(config, **{"serve.api_keys": _keys(api_key)})
     if down:
         start_ray(address)
         Cluster(cfg, None, [], "").shutdown(keep_ray=True)
