@@ -169,10 +169,13 @@ def test_ragged_batch_acceptance_equals_one_tree_rules(stochastic):
         assert greedy[b] == accept_greedy(tree.tokens, tree.parents, q[b, : m + 1].argmax(-1))
 
 
-def test_lean_doctests():
-    """The worked examples of osd.specdec.lean (causal_mask, batched prefill)."""
+def test_doctests():
+    """The worked examples of osd.specdec.lean (causal_mask, batched prefill) and of the
+    draft model's sliced tree masks."""
     import doctest
 
+    import osd.drafters.draft_model as draft_model
     import osd.specdec.lean as lean
 
     assert doctest.testmod(lean).failed == 0
+    assert doctest.testmod(draft_model).failed == 0

@@ -66,7 +66,26 @@ def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class _Shape:
     """The full k-config tree: node parents (parents first, level by level), level bounds,
-    and which fed node is an ancestor-or-self of which."""
+    and which fed node is an ancestor-or-self of which — built once per configuration;
+    a step that drafts fewer levels (the controller's depth, the decision model's stop, the
+    tokens left) uses its leading block, which *is* the shallower tree's (MCSD's sliced,
+    topology-aware mask: no per-step rebuild):
+
+    >>> full, short = _Shape.of((2, 2, 1)), _Shape.of((2, 2))
+    >>> hi = full.levels[1][1]  # nodes of the first two levels
+    >>> full.parents[:hi] == short.parents and full.levels[:2] == short.levels
+    True
+    >>> bool((full.anc[:hi, :hi] == short.anc).all())
+    True
+    >>> for row in full.anc[:hi, :hi].int().tolist():  # 0, 1: level 1; 2, 3 under 0; 4, 5 under 1
+    ...     print(row)
+    [1, 0, 0, 0, 0, 0]
+    [0, 1, 0, 0, 0, 0]
+    [1, 0, 1, 0, 0, 0]
+    [1, 0, 0, 1, 0, 0]
+    [0, 1, 0, 0, 1, 0]
+    [0, 1, 0, 0, 0, 1]
+    """
 
     parents: list[int]
     levels: list[tuple[int, int]]  # [lo, hi) node range of each level
