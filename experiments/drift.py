@@ -1,0 +1,201 @@
+"""How fast does each drafter family recover from drift, online vs frozen?
+
+Every drafter family on three drift schedules, through the in-process online loop
+(``osd online``: the same engine, record collector, trainer, gate and promotion as the Ray
+application), each request decoded by the online drafter and replayed by the frozen one
+on the same tokens:
+
+- ``abrupt``  — ``switch:instruct>sql@N/3``: one domain, then another at once;
+- ``gradual`` — ``gradual:instruct>sql@N/4-N/2``: a linear mix between the two;
+- ``return``  — ``drift:instruct@N/3,sql@2N/3,instruct``: away and back again.
+
+Per run: α over time (online and frozen), **time to recover** (requests after a shift
+until α is back within 0.05 of its pre-shift level, :func:`osd.metrics.time_to_recover`,
+a trailing window of 20), the **final gain** (online − frozen α over the last 50
+requests) and, on ``return``, **forgetting** (α on instruct at the end of its first phase
+minus its first 30 requests after the return; > 0 means the online drafter forgot).
+
+    python experiments/drift.py --json drift.json --plot drift.png
+    python experiments/drift.py --drafters draft_model,medusa --n 180 --json d.json --plot d.png
+
+Writes ``{"runs": {"<drafter>/<schedule>": {...}}, "config": {...}}`` and a grid of α
+curves (rows: drafters, columns: schedules). Runs are independent and sequential; on a
+2-core CPU one run of 240 requests takes 5–15 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+SCHEDULES = {
+    "abrupt": lambda n: (f"switch:instruct>sql@{n // 3}", [n // 3]),
+    "gradual": lambda n: (f"gradual:instruct>sql@{n // 4}-{n // 2}", [n // 4]),
+    "return": lambda n: (
+        f"drift:instruct@{n // 3},sql@{2 * n // 3},instruct",
+        [n // 3, 2 * n // 3],
+    ),
+}
+FAMILIES = "draft_model,medusa,koala-medusa,eagle,koala-eagle,recurrent"
+WINDOW, BEFORE, LAST = 20, 30, 50
+
+
+def summarise_run(rows, shifts: list[int], schedule: str) -> dict:
+    """The figures of one run from its per-request log (``osd.online.RequestLog`` rows)."""
+    from osd.metrics import pooled_alpha, time_to_recover
+    from osd.online import frozen_counts, online_counts
+
+    out: dict = {"shifts": shifts}
+    for name, counts in (("online", online_counts), ("frozen", frozen_counts)):
+        out[f"recover_{name}"] = [
+            time_to_recover(rows, s, counts, window=WINDOW, before=BEFORE) for s in shifts
+        ]
+        out[f"alpha_last_{name}"] = pooled_alpha(rows[-LAST:], counts)
+        out[f"alpha_{name}"] = [pooled_alpha([r], counts) for r in rows]
+    out["final_gain"] = (out["alpha_last_online"] or 0.0) - (out["alpha_last_frozen"] or 0.0)
+    if schedule == "return":
+        first_end, back = shifts[0], shifts[1]
+        for name, counts in (("online", online_counts), ("frozen", frozen_counts)):
+            was = pooled_alpha(rows[first_end - BEFORE : first_end], counts) or 0.0
+            now = pooled_alpha(rows[back : back + BEFORE], counts) or 0.0
+            out[f"forgetting_{name}"] = was - now
+    out["domains"] = [r.domain for r in rows]
+    out["versions"] = [r.version for r in rows]
+    return out
+
+
+def run_one(drafter: str, schedule: str, args) -> dict:
+    import torch
+
+    from osd.buffer import MemoryBuffer
+    from osd.models import load_model, load_tokenizer
+    from osd.online import REPLAY_DISTILL, OnlineConfig, run_online
+
+    spec, shifts = SCHEDULES[schedule](args.n)
+    torch.manual_seed(args.seed)
+    target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
+    tok = load_tokenizer("zoo:target")
+    distill = REPLAY_DISTILL if args.lr is None else replace(REPLAY_DISTILL, lr=args.lr)
+    cfg = OnlineConfig(
+        drafter=drafter,
+        schedule=spec,
+        n=args.n,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        steps_per_request=args.steps_per_request,
+        distill=distill,
+    )
+    t0 = time.perf_counter()
+    result = run_online(target, draft, tok, MemoryBuffer(), cfg, data_dir=args.data_dir)
+    run = summarise_run(result.requests, shifts, schedule)
+    promoted = sum(bool(v["promoted"]) for v in result.versions)
+    run.update(schedule_spec=spec, wall_s=time.perf_counter() - t0, promoted=promoted)
+    run["published"] = len(result.versions)
+    return run
+
+
+def plot(runs: dict, drafters: list[str], schedules: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(
+        len(drafters),
+        len(schedules),
+        figsize=(4.2 * len(schedules), 2.6 * len(drafters)),
+        squeeze=False,
+        sharey=True,
+    )
+    for i, d in enumerate(drafters):
+        for j, s in enumerate(schedules):
+            ax, run = axes[i][j], runs.get(f"{d}/{s}")
+            ax.set_title(f"{d} · {s}", fontsize=9)
+            if run is None:
+                continue
+            for name, color in (("online", "C0"), ("frozen", "C7")):
+                a = np.array([np.nan if x is None else x for x in run[f"alpha_{name}"]])
+                k = np.ones(WINDOW) / WINDOW
+                smooth = np.convolve(np.nan_to_num(a, nan=np.nanmean(a)), k, mode="valid")
+                ax.plot(np.arange(WINDOW - 1, len(a)), smooth, color=color, label=name, lw=1.2)
+            for sh in run["shifts"]:
+                ax.axvline(sh, color="k", lw=0.6, ls="--")
+            ax.set_ylim(0, 1)
+            if i == len(drafters) - 1:
+                ax.set_xlabel("request")
+            if j == 0:
+                ax.set_ylabel(f"α (trailing {WINDOW})")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_summary(runs: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="drift: online vs frozen")
+    for col in ("run", "recover online", "recover frozen", "final gain", "forgetting on/fr"):
+        table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
+    fmt = lambda xs: ", ".join("never" if x is None else str(x) for x in xs)  # noqa: E731
+    for key, r in runs.items():
+        forget = (
+            f"{r['forgetting_online']:+.3f} / {r['forgetting_frozen']:+.3f}"
+            if "forgetting_online" in r
+            else "–"
+        )
+        table.add_row(
+            key,
+            fmt(r["recover_online"]),
+            fmt(r["recover_frozen"]),
+            f"{r['final_gain']:+.3f}",
+            forget,
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drafters", default=FAMILIES, help="comma-separated trainable drafters")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="abrupt,gradual,return")
+    ap.add_argument("--n", type=int, default=240, help="requests per run")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--steps-per-request", type=int, default=2, help="trainer steps a request")
+    ap.add_argument("--lr", type=float, default=None, help="default: osd online's")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, required=True, help="results (rewritten after each run)")
+    ap.add_argument("--plot", type=Path, required=True)
+    args = ap.parse_args()
+    from osd.drafters import drafter_spec
+
+    drafters = [d for d in args.drafters.split(",") if d]
+    schedules = [s for s in args.schedules.split(",") if s]
+    for d in drafters:
+        try:
+            if not drafter_spec(d).trainable:
+                ap.error(f"drafter {d!r} has nothing to train online")
+        except ValueError as err:
+            ap.error(str(err))
+    for s in schedules:
+        if s not in SCHEDULES:
+            ap.error(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    doc: dict = {"runs": {}, "config": config}
+    for d in drafters:
+        for s in schedules:
+            print(f"· {d} on {s} ({args.n} requests) …", flush=True)
+            doc["runs"][f"{d}/{s}"] = run_one(d, s, args)
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+            plot(doc["runs"], drafters, schedules, args.plot)
+    print_summary(doc["runs"])
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
