@@ -11,8 +11,9 @@ re-reads the entries its predecessor held un-acked, so no record is lost (at-lea
 DESIGN §4). Records of a consumer that never comes back are reclaimed by the others after
 ``reclaim_idle_ms``.
 
-Controls for experiments: :meth:`pause` / :meth:`resume` the training thread, and
-:meth:`set_publishing` (train without publishing: the served weights stay fixed).
+Controls for experiments: :meth:`pause` / :meth:`resume` the training thread,
+:meth:`set_budget` (steps per second, live) and :meth:`set_publishing` (train without
+publishing: the served weights stay fixed).
 """
 
 from __future__ import annotations
@@ -152,6 +153,15 @@ class TrainerActor:
 
     def set_publishing(self, on: bool) -> None:
         self.publishing = bool(on)
+
+    def set_budget(self, max_steps_per_s: float | None) -> None:
+        """The compute budget (``distill.max_steps_per_s``; ``None``: unlimited), live."""
+        import dataclasses
+
+        if max_steps_per_s is not None and not max_steps_per_s > 0:
+            raise ValueError(f"max_steps_per_s must be > 0 or None, got {max_steps_per_s!r}")
+        d = self.distiller
+        d.config = dataclasses.replace(d.config, max_steps_per_s=max_steps_per_s)
 
     def stop(self) -> None:
         self._stop.set()

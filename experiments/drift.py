@@ -50,8 +50,10 @@ def summarise_run(rows, shifts: list[int], schedule: str) -> dict:
 
     out: dict = {"shifts": shifts}
     for name, counts in (("online", online_counts), ("frozen", frozen_counts)):
+        ends = [*shifts[1:], len(rows)]  # a phase's recovery is looked for within it
         out[f"recover_{name}"] = [
-            time_to_recover(rows, s, counts, window=WINDOW, before=BEFORE) for s in shifts
+            time_to_recover(rows[:end], s, counts, window=WINDOW, before=BEFORE)
+            for s, end in zip(shifts, ends, strict=True)
         ]
         out[f"alpha_last_{name}"] = pooled_alpha(rows[-LAST:], counts)
         out[f"alpha_{name}"] = [pooled_alpha([r], counts) for r in rows]

@@ -1,0 +1,200 @@
+"""Is online learning cost-neutral? Serving throughput and p99 latency against the trainer's
+compute budget, trainer on and off, at two load levels.
+
+One local OSD topology (``osd serve``'s: a Serve replica, a trainer actor, the registry,
+an embedded Redis; ``--config`` for another), then, at each load level (closed-loop
+clients), phases of the same requests with the trainer
+
+- ``off``   — paused;
+- ``B/s``   — running at most B optimiser steps a second (``distill.max_steps_per_s``),
+              for each ``--budgets`` value;
+- ``max``   — running unthrottled (the default budget: ``max_steps_per_s: null``),
+
+interleaved over ``--rounds`` rounds so that drift in the machine's load hits every
+phase alike. Publishing is off throughout (the served weights stay fixed, so only the
+trainer's compute differs). Before the phases the buffer is filled with a backlog of
+records, so a running trainer always has work.
+
+    python experiments/cost.py --json cost.json --plot cost.png
+    python experiments/cost.py --loads 2,8 --budgets 1,4 --rounds 2 --requests 16 --json c.json --plot c.png
+
+Writes ``{"rows": [{"concurrency", "trainer", "tokens_per_s", "p99_s", "trainer_steps",
+"ratio_vs_off"}, …], "phases": […], "config": {…}}`` (rows averaged over rounds) and a
+bar chart of tokens/s and p99 per load level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+
+async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dict]:
+    from osd.actors.replay import ReplayConfig, replay_async, summarize
+
+    trainers = cluster.trainers
+    await asyncio.gather(*(t.set_publishing.remote(False) for t in trainers))
+    out = []
+    try:
+        for conc in loads:
+            rcfg = ReplayConfig(
+                url=cluster.url,
+                model=cluster.cfg.model_name,
+                max_tokens=max_tokens,
+                concurrency=conc,
+                api_key=next(iter(cluster.cfg.serve.keys), None),
+            )
+            for r in range(rounds):
+                for label, budget in [("off", None), *budgets, ("max", None)]:
+                    if label == "off":
+                        await asyncio.gather(*(t.pause.remote() for t in trainers))
+                    else:
+                        await asyncio.gather(*(t.set_budget.remote(budget) for t in trainers))
+                        await asyncio.gather(*(t.resume.remote() for t in trainers))
+                    before = await asyncio.gather(*(t.stats.remote() for t in trainers))
+                    s = summarize(await replay_async(reqs, rcfg))
+                    after = await asyncio.gather(*(t.stats.remote() for t in trainers))
+                    steps = sum(a["steps"] - b["steps"] for a, b in zip(after, before, strict=True))
+                    row = {
+                        "concurrency": conc,
+                        "round": r,
+                        "trainer": label,
+                        "tokens_per_s": s["tokens_per_s"],
+                        "p99_s": s["latency_p99_s"],
+                        "failed": s["failed"],
+                        "trainer_steps": steps,
+                        "trainer_steps_per_s": steps / s["wall_s"] if s["wall_s"] else 0.0,
+                    }
+                    out.append(row)
+                    print(
+                        f"  c={conc} round {r} trainer {label:>5}: {row['tokens_per_s']:6.1f} tok/s, "
+                        f"p99 {row['p99_s']:.2f} s, {steps} steps",
+                        flush=True,
+                    )
+    finally:
+        await asyncio.gather(*(t.set_budget.remote(None) for t in trainers))
+        await asyncio.gather(*(t.resume.remote() for t in trainers))
+        await asyncio.gather(*(t.set_publishing.remote(True) for t in trainers))
+    return out
+
+
+def _rows(phases: list[dict]) -> list[dict]:
+    """Mean over rounds per (load, trainer), with the ratio to the trainer-off phases."""
+    rows = []
+    for conc in dict.fromkeys(p["concurrency"] for p in phases):
+        at = [p for p in phases if p["concurrency"] == conc]
+        off = None
+        for label in dict.fromkeys(p["trainer"] for p in at):
+            ps = [p for p in at if p["trainer"] == label]
+            tps = sum(p["tokens_per_s"] for p in ps) / len(ps)
+            off = tps if label == "off" else off
+            rows.append(
+                {
+                    "concurrency": conc,
+                    "trainer": label,
+                    "tokens_per_s": tps,
+                    "p99_s": max(p["p99_s"] or 0.0 for p in ps),
+                    "trainer_steps": sum(p["trainer_steps"] for p in ps),
+                    "trainer_steps_per_s": sum(p["trainer_steps_per_s"] for p in ps) / len(ps),
+                    "failed": sum(p["failed"] for p in ps),
+                    "ratio_vs_off": tps / off if off else None,
+                }
+            )
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = list(dict.fromkeys(r["concurrency"] for r in rows))
+    labels = list(dict.fromkeys(r["trainer"] for r in rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(loads))]
+        by = {r["concurrency"]: r for r in rows if r["trainer"] == label}
+        a1.bar(xs, [by[c]["tokens_per_s"] for c in loads], width, label=f"trainer {label}")
+        a2.bar(xs, [by[c]["p99_s"] for c in loads], width, label=f"trainer {label}")
+    for ax, what in ((a1, "tokens/s"), (a2, "p99 latency (s)")):
+        ax.set_xticks(range(len(loads)), [f"{c} clients" for c in loads])
+        ax.set_ylabel(what)
+    a1.legend(fontsize=8)
+    a1.set_title("serving throughput vs the trainer's budget")
+    a2.set_title("tail latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=None, help="topology YAML (osd serve's)")
+    ap.add_argument("--loads", default="2,8", help="closed-loop clients per level")
+    ap.add_argument("--budgets", default="2", help="trainer steps/s caps between off and max")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=24, help="requests per phase")
+    ap.add_argument("--backlog", type=int, default=48, help="requests served first (records)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--domain", default="sql")
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--plot", type=Path, required=True)
+    args = ap.parse_args()
+    from osd.actors.cluster import launch
+    from osd.actors.config import load_config
+    from osd.actors.replay import ReplayConfig, replay
+
+    from osd.workloads.schedule import parse_schedule
+
+    loads = [int(x) for x in args.loads.split(",")]
+    budgets = [(f"{float(b):g}/s", float(b)) for b in args.budgets.split(",") if b]
+    cfg = load_config(args.config)
+    if cfg.trainer.count < 1:
+        ap.error("the topology has no trainer (trainer.count: 0); nothing to measure")
+    sched = parse_schedule(args.domain, args.backlog + args.requests, seed=0)
+    reqs = sched.build(data_dir=args.data_dir)
+    backlog, phase_reqs = reqs[: args.backlog], reqs[args.backlog :]
+    t0 = time.perf_counter()
+    cluster = launch(cfg)
+    try:
+        print(f"up in {time.perf_counter() - t0:.0f} s; serving a backlog of {len(backlog)} …")
+        for t in cluster.trainers:
+            t.pause.remote()
+        key = next(iter(cfg.serve.keys), None)
+        replay(
+            backlog,
+            ReplayConfig(
+                url=cluster.url,
+                model=cfg.model_name,
+                concurrency=4,
+                max_tokens=args.max_tokens,
+                api_key=key,
+            ),
+        )
+        phases = asyncio.run(
+            _phases(cluster, phase_reqs, loads, budgets, args.rounds, args.max_tokens)
+        )
+    finally:
+        cluster.shutdown()
+    rows = _rows(phases)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    doc = {"rows": rows, "phases": phases, "config": config}
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(rows, args.plot)
+    for r in rows:
+        ratio = "–" if r["ratio_vs_off"] is None else f"{r['ratio_vs_off']:.3f}×"
+        print(
+            f"c={r['concurrency']:>3} trainer {r['trainer']:>5}: {r['tokens_per_s']:6.1f} tok/s "
+            f"({ratio} of off), p99 {r['p99_s']:.2f} s, {r['trainer_steps_per_s']:.2f} steps/s"
+        )
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

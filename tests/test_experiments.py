@@ -1,0 +1,65 @@
+"""The figures the drift and cost experiments derive from their runs, on synthetic runs
+(the runs themselves take minutes to hours: they are the experiments, not tests)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+from cost import _rows
+from drift import SCHEDULES, summarise_run
+
+from osd.online import RequestLog
+
+
+def _log(i, domain, online, frozen, proposed=10):
+    return RequestLog(
+        i, domain, 0, online / proposed, frozen / proposed, proposed, online, proposed, frozen
+    )
+
+
+def test_drift_figures_on_a_synthetic_return_run():
+    # instruct (α 0.8 both), sql (online climbs 0.2 -> 0.7, frozen stays 0.2), instruct again
+    rows = [_log(i, "instruct", 8, 8) for i in range(40)]
+    rows += [_log(40 + i, "sql", min(2 + i // 4, 7), 2) for i in range(40)]
+    rows += [_log(80 + i, "instruct", 7, 8) for i in range(40)]
+    run = summarise_run(rows, [40, 80], "return")
+    assert run["recover_frozen"][0] is None  # the frozen draft never gets back to 0.8
+    assert run["recover_online"][0] is None  # 0.7 < 0.8 - 0.05 either
+    assert run["recover_online"][1] == 20 and run["recover_frozen"][1] == 20
+    assert run["final_gain"] == pytest.approx(0.70 - 0.68)  # last 50: 10 sql + 40 instruct
+    assert run["forgetting_online"] == pytest.approx(0.1)
+    assert run["forgetting_frozen"] == pytest.approx(0.0)
+    assert len(run["alpha_online"]) == 120
+
+
+def test_drift_schedules_put_the_shift_where_they_say():
+    from osd.workloads.schedule import parse_schedule
+
+    for name, make in SCHEDULES.items():
+        spec, shifts = make(120)
+        mix = parse_schedule(spec, 120, seed=0).mix
+        first = mix.probs(0)
+        assert mix.probs(shifts[0] - 1) == first, name
+        assert mix.probs(shifts[0] + 1) != first, name
+
+
+def test_cost_rows_average_rounds_and_compare_with_the_trainer_off():
+    phases = [
+        {
+            "concurrency": 2,
+            "round": r,
+            "trainer": t,
+            "tokens_per_s": v,
+            "p99_s": 1.0 + r,
+            "failed": 0,
+            "trainer_steps": s,
+            "trainer_steps_per_s": s / 10,
+        }
+        for r, (t, v, s) in enumerate([("off", 100.0, 0), ("max", 90.0, 20)] * 2)
+    ]
+    rows = {r["trainer"]: r for r in _rows(phases)}
+    assert rows["off"]["ratio_vs_off"] == 1.0
+    assert rows["max"]["ratio_vs_off"] == pytest.approx(0.9)
+    assert rows["max"]["trainer_steps"] == 40 and rows["max"]["p99_s"] == 4.0
