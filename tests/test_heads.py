@@ -54,9 +54,8 @@ def cases(zoo, data_dir):
 
 def _decode_all(dec, prompts, budget, sampling=None):
     """All prompts in one batch (continuous: each released when done); per-state stats."""
-    states = [
-        dec.start(p, budget, sampling(i) if sampling else None) for i, p in enumerate(prompts)
-    ]
+    samplings = [sampling(i) if sampling else None for i in range(len(prompts))]
+    states = dec.start_batch(prompts, [budget] * len(prompts), samplings)  # one prefill
     stats = [DecodeStats() for _ in states]
     live = list(range(len(states)))
     while live:
