@@ -57,7 +57,7 @@ def _recurrent(
     target=None,
     draft=None,
     heads: str | None = None,
-    width: int = 4,
+    width: int = 5,
     length: int = 5,
     stochastic: bool = False,
     all_levels: bool = True,

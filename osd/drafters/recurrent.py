@@ -81,7 +81,7 @@ from osd.specdec.tree import TokenTree
 
 @dataclass(frozen=True)
 class BeamShape:
-    width: int = 4  # w beams
+    width: int = 5  # w beams
     length: int = 5  # L draft tokens per beam (after the root)
 
     def __post_init__(self) -> None:
@@ -257,7 +257,7 @@ class RecurrentDrafter(Drafter):
         target,
         head: RecurrentHead,
         config: HeadConfig,
-        width: int = 4,
+        width: int = 5,
         length: int = 5,
         stochastic: bool = False,
         all_levels: bool = True,
