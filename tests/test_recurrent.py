@@ -249,7 +249,7 @@ def test_sampling_through_beam_trees_is_exact(zoo, stochastic):
 def test_negative_control_beams_labelled_as_sampled_is_caught(zoo):
     target, _ = zoo
     d = build_drafter("recurrent", target)
-    control = _BeamsLabelledAsSampled(target, d.head, d.config)
+    control = _BeamsLabelledAsSampled(target, d.head, d.config, stochastic=False)
     assert _chi2_first_two(zoo, control, n=800) < 1e-3
 
 

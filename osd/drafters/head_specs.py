@@ -59,7 +59,7 @@ def _recurrent(
     heads: str | None = None,
     width: int = 5,
     length: int = 5,
-    stochastic: bool = False,
+    stochastic: bool = True,
     all_levels: bool = True,
 ) -> Drafter:
     from osd.drafters.recurrent import RecurrentDrafter

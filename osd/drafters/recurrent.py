@@ -39,7 +39,7 @@ Nodes are ordered by depth, then by the first beam that reaches them (parents fi
 
 **Exact at any temperature** — two modes; which one runs:
 
-- **deterministic beams** (default, ``stochastic=False``, and always for greedy requests):
+- **deterministic beams** (always for greedy requests; at T > 0 with ``stochastic=False``):
   the beams are a function of the context, so every node is a point mass
   (``draft_probs=None``). Greedy acceptance gives the target's greedy output; at T > 0 the
   point-mass rule (accept ``x`` with probability ``r(x)``, else zero ``r(x)`` and
@@ -47,7 +47,7 @@ Nodes are ordered by depth, then by the first beam that reaches them (parents fi
   instead treats the beams' draft log-probs as if the beams had been sampled, and warns
   its sampling "might not give the exact distribution"; that is the negative control of
   ``tests/test_recurrent.py``.)
-- **stochastic beams** (``stochastic=True``, requests with T > 0): level by level, the w
+- **stochastic beams** (the default for requests with T > 0): level by level, the w
   beam slots of the next level are allotted to the open nodes *before* anything is drawn —
   by the deterministic rule, the w best of ``score(v) + log p_v(rank r)`` over nodes ``v``
   and ranks ``r`` — then node ``v`` draws its ``m_v`` children **without replacement**
@@ -58,10 +58,12 @@ Nodes are ordered by depth, then by the first beam that reaches them (parents fi
   exact (``osd.specdec.accept``). Pruning drawn children by their scores — what a
   sampling beam search would do — would bias them, and is not done.
 
-Use the deterministic mode by default: it is exact at every temperature with no draft
-probabilities to ship and accepts well at moderate T; choose ``stochastic=True`` for
-high-temperature traffic where the draft is well calibrated, so that sampled beams cover
-the target's spread rather than the draft's single best paths.
+Which is used when: greedy requests always get deterministic beams (the greedy walk needs
+no draft probabilities); sampled requests get stochastic beams unless the drafter is built
+with ``stochastic=False``. Measured on the zoo target (20 eval prompts × 48 tokens, w = L =
+5): at T = 0.7 τ 1.96 stochastic vs 1.61 deterministic, at T = 1 τ 1.85 vs 1.29 — the point
+mass of a beam is accepted with probability q(x) only, while a draw from a calibrated p is
+accepted with Σ min(p, q).
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ class RecurrentDrafter(Drafter):
         config: HeadConfig,
         width: int = 5,
         length: int = 5,
-        stochastic: bool = False,
+        stochastic: bool = True,
         all_levels: bool = True,
     ) -> None:
         super().__init__()
