@@ -502,7 +502,8 @@ def online(
     ] = "zoo:target",
     k: Annotated[int, typer.Option(help="Draft length.")] = 4,
     drafter: Annotated[
-        str, typer.Option(help="A trainable drafter: draft_model, medusa, eagle, koala-….")
+        str,
+        typer.Option(help="A trainable drafter: draft_model, medusa, eagle, koala-…, recurrent."),
     ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
