@@ -30,7 +30,7 @@ from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.student import Student
 from osd.distill.trainer import OnlineDistiller
-from osd.drafters import Drafter, build_drafter, build_student
+from osd.drafters import Drafter, build_drafter, build_student, drafter_spec
 from osd.metrics import alpha_windows, pooled_alpha
 from osd.registry import Promoter, PromotionGate, Registry
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
@@ -54,6 +54,7 @@ class OnlineConfig:
     same :class:`~osd.distill.config.DistillConfig` trainer actors take)."""
 
     drafter: str = "draft_model"  # a trainable drafter of osd.drafters.DRAFTERS
+    drafter_options: dict = field(default_factory=dict)  # e.g. {"domains": "math,sql"}
     schedule: str = DEFAULT_STREAM
     n: int = 600
     seed: int = 0
@@ -63,6 +64,7 @@ class OnlineConfig:
     distill: DistillConfig = REPLAY_DISTILL
     log_mode: str = "all"
     topk: int = 16
+    log_rate: float = 1.0  # fraction of requests logged (by request id, as replicas do)
     steps_per_request: int = 2  # trainer steps after each request (the spare compute)
     holdout_every: int = 8  # every N-th record is held out for the gate, not trained on
     holdout_size: int = 32
@@ -159,11 +161,12 @@ def run_online(
     cfg = config or OnlineConfig()
     result = OnlineResult(cfg, full_vocab_bytes_per_position=full_bytes(target.config.vocab_size))
     schedule = parse_schedule(cfg.schedule, cfg.n, cfg.seed).build(data_dir=data_dir)
-    serving = build_drafter(cfg.drafter, target, copy.deepcopy(draft), lenient=True, k=cfg.k)
-    frozen = build_drafter(cfg.drafter, target, draft, lenient=True, k=cfg.k)
+    serving = _drafter(cfg, target, copy.deepcopy(draft))
+    frozen = _drafter(cfg, target, draft)
     dec = SpeculativeDecoder(target, serving, tokenizer)
     heads = serving.needs_hidden_states  # head drafters train on the target's hidden states
-    collector = RecordCollector(LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk, hidden=heads))
+    log_cfg = LogConfig(mode=LogMode(cfg.log_mode), k=cfg.topk, rate=cfg.log_rate, hidden=heads)
+    collector = RecordCollector(log_cfg)
     dec.add_observer(collector)
     trainer = OnlineDistiller(_student(cfg, target, draft), buffer, DRAFTER_ID, cfg.distill)
     promoter = Promoter(
@@ -178,7 +181,7 @@ def run_online(
 
     for req in schedule:
         ids = tokenizer(req.query.prompt, add_special_tokens=False).input_ids[-cfg.prompt_tokens :]
-        state = dec.start(ids, cfg.max_new_tokens)
+        state = dec.start(ids, cfg.max_new_tokens, domain=req.domain)
         stats = DecodeStats()
         while not state.finished:
             dec.step(state, stats)
@@ -239,10 +242,15 @@ def _hidden(target, tokens: list[int]) -> torch.Tensor:
     return target.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
 
 
+def _drafter(cfg: OnlineConfig, target, draft) -> Drafter:
+    """``cfg.drafter`` with ``cfg.k`` (where it takes one) and ``cfg.drafter_options``."""
+    k = {"k": cfg.k} if "k" in drafter_spec(cfg.drafter).options() else {}
+    return build_drafter(cfg.drafter, target, draft, **k, **cfg.drafter_options)
+
+
 def _student(cfg: OnlineConfig, target, draft) -> Student:
     """A student of ``cfg.drafter`` on its own copy of ``draft``."""
-    drafter = build_drafter(cfg.drafter, target, copy.deepcopy(draft), lenient=True, k=cfg.k)
-    return build_student(cfg.drafter, drafter)
+    return build_student(cfg.drafter, _drafter(cfg, target, copy.deepcopy(draft)))
 
 
 def _publish(

@@ -63,3 +63,18 @@ def test_cost_rows_average_rounds_and_compare_with_the_trainer_off():
     assert rows["off"]["ratio_vs_off"] == 1.0
     assert rows["max"]["ratio_vs_off"] == pytest.approx(0.9)
     assert rows["max"]["trainer_steps"] == 40 and rows["max"]["p99_s"] == 4.0
+
+
+def test_log_cost_redis_run_and_plot(tmp_path):
+    from log_cost import KS, plot, redis_run
+
+    run = redis_run([b"x" * 500, b"y" * 900], n=40, batch=8)
+    assert run["redis_us_per_record"] > 0 and run["shard_records_per_s"] > 0
+    cost = [
+        {"mode": m, "k": k, "bytes_per_request": 100.0 * k, "shard_records_per_s": 1e4}
+        for m in ("all", "rejected")
+        for k in KS
+    ]
+    gain = [{"mode": "all", "k": 16, "rate": 0.5, "alpha_gain": 0.2}]
+    plot({"cost": cost, "gain": gain}, str(tmp_path / "log_cost.png"))
+    assert (tmp_path / "log_cost.png").stat().st_size > 1000
