@@ -229,7 +229,9 @@ def _usage(result: RequestResult) -> dict[str, int]:
 def osd_block(result: RequestResult, drafter_id: str) -> dict[str, Any]:
     """The drafter version and the request's acceptance statistics (DESIGN §7)."""
     s = result.stats
+    adapter = {} if result.adapter is None else {"adapter": result.adapter}  # a mixture's
     return {
+        **adapter,
         "drafter_id": drafter_id,
         "drafter_version": result.version_end,
         "drafter_version_start": result.version_start,

@@ -93,8 +93,7 @@ class RegistryActor:
                 cfg.drafter,
                 None if spec.needs_draft else load_model(cfg.target, "cpu"),
                 load_model(cfg.draft, "cpu") if spec.needs_draft else None,
-                lenient=True,
-                k=cfg.k,
+                **cfg.serve.drafter_config(cfg.drafter, cfg.k),  # as the replicas build it
             )
             self.promoter = Promoter(
                 self.registry,

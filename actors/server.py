@@ -259,6 +259,7 @@ class OSDServer:
                 "drafter_version": self.loop.version,
                 "k": self.cfg.k,
                 "max_batch": self.loop.max_batch,
+                "adapters": getattr(self.loop.decoder.drafter, "domains", None),  # a mixture's
             },
         }
         return {"object": "list", "data": [card]}
@@ -404,6 +405,10 @@ class OSDServer:
                 )
         if not ids:
             raise ApiError("prompt is empty after tokenisation", param="prompt")
+        try:  # a mixture drafter routes by the tag: one that names no adapter is refused
+            self.loop.decoder.drafter.check_domain(params.domain)
+        except ValueError as err:
+            raise ApiError(str(err), param="domain") from None
         if len(ids) + params.max_tokens > self.context:
             raise ApiError(
                 f"prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; the "

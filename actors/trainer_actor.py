@@ -63,8 +63,7 @@ class TrainerActor:
             cfg.drafter,
             None if spec.needs_draft else load_model(cfg.target, device),
             load_model(cfg.draft, device) if spec.needs_draft else None,
-            lenient=True,
-            k=cfg.k,
+            **cfg.serve.drafter_config(cfg.drafter, cfg.k),  # as the replicas build it
         )
         student = build_student(cfg.drafter, drafter)
         dcfg = cfg.trainer.distill

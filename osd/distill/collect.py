@@ -70,7 +70,8 @@ class RecordCollector:
         """The request's record, or ``None`` when it logged nothing or is not sampled.
 
         The record carries the request's sampling parameters (``state.sampling``): the
-        trainer and the gate honour its temperature."""
+        trainer and the gate honour its temperature; and, for a mixture drafter, the adapter
+        that drafted it (``meta["adapter"]``: the one the record trains)."""
         positions, logits, hidden = self._rows.pop(id(state), ([], [], []))
         if not positions or not should_log(request_id, self.config.rate, self.config.seed):
             return None
@@ -88,4 +89,5 @@ class RecordCollector:
             temperature=state.sampling.temperature,
             top_k=state.sampling.top_k,
             top_p=state.sampling.top_p,
+            meta=None if state.route is None else {"adapter": state.route},
         )

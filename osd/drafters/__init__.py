@@ -10,7 +10,7 @@ A drafter that learns online also registers its **student** factory
 the registry get what to train, predict and version with :func:`build_student`, by name.
 
 >>> sorted(DRAFTERS)
-['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'ngram', 'none', 'recurrent']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'mixture', 'ngram', 'none', 'recurrent']
 >>> build_drafter("ngram", None, k=3).k
 3
 >>> build_drafter("ngram", None, depth=3)
@@ -18,7 +18,7 @@ Traceback (most recent call last):
     ...
 ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
 >>> sorted(name for name, spec in DRAFTERS.items() if spec.trainable)
-['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'recurrent']
+['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'mixture', 'recurrent']
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from osd.distill.student import CausalLMStudent, Student
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.drafters.draft_model import DraftModelDrafter, draft_shortlist
 from osd.drafters.head_specs import HEAD_SPECS
+from osd.drafters.mixture import build_mixture, mixture_student
 from osd.drafters.ngram import NgramDrafter
 
 
@@ -106,6 +107,13 @@ DRAFTERS: dict[str, DrafterSpec] = {
             student=_draft_model_student,
         ),
         DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
+        DrafterSpec(
+            "mixture",
+            build_mixture,
+            True,
+            "an adapter of the draft per domain + a router (domain tag, or learned)",
+            student=mixture_student,
+        ),
         # medusa, eagle, koala-medusa, koala-eagle, recurrent: osd.drafters.head_specs
         *(DrafterSpec(**spec) for spec in HEAD_SPECS),
     )

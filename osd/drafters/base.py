@@ -35,6 +35,8 @@ class DecodeState:
     slot: int = -1  # the engine's KV-cache slot (holds tokens[:-1]); -1 once released
     draft: Any = None  # the drafter's per-sequence state
     target_hidden: torch.Tensor | None = None  # [L, H] target last hidden states, newest last
+    domain: str | None = None  # the request's domain tag, when the client gave one
+    route: str | None = None  # the adapter a mixture drafter chose (logged with the record)
     finished: bool = False
     finish_reason: str | None = None
     released: bool = False  # the engine freed its caches (SpeculativeDecoder.release)
@@ -94,6 +96,10 @@ class Drafter:
 
     def release(self, state: DecodeState) -> None:
         """The sequence is gone: free what ``start`` set up."""
+
+    def check_domain(self, domain: str | None) -> None:
+        """Refuse (``ValueError``) a request's domain tag this drafter cannot serve; any
+        tag by default (it only labels the request's record)."""
 
     def propose_batch(self, states: Sequence[DecodeState], depths: list[int]) -> list[TokenTree]:
         """One tree per state, no deeper than its ``depths[i]``."""

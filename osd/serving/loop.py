@@ -76,7 +76,7 @@ class ServeRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
-    domain: str | None = None  # tag for the distill record, when the client knows it
+    domain: str | None = None  # the client's domain tag: labels the record, routes a mixture
 
 
 @dataclass
@@ -93,6 +93,7 @@ class RequestResult:
     version_end: int  # ... and when it finished (differs if a swap happened in flight)
     queue_s: float  # submitted → admitted
     latency_s: float  # submitted → finished
+    adapter: str | None = None  # the adapter of a mixture drafter that drafted it
 
     @property
     def completion_tokens(self) -> int:
@@ -330,6 +331,7 @@ class ServingLoop:
                 [r.prompt_ids for r in reqs],
                 [r.max_new_tokens for r in reqs],
                 [r.sampling for r in reqs],
+                [r.domain for r in reqs],
             )
         except Exception as err:
             if len(seqs) == 1:
@@ -406,6 +408,7 @@ class ServingLoop:
             version_end=self.version,
             queue_s=seq.admitted - seq.submitted,
             latency_s=now - seq.submitted,
+            adapter=state.route,
         )
         self.finished += 1
         self._call(seq.on_event, Delta(delta, result=result))  # the response first ...

@@ -197,25 +197,31 @@ class SpeculativeDecoder:
         prompt: str | list[int],
         max_new_tokens: int = 64,
         sampling: SamplingParams | None = None,
+        domain: str | None = None,
     ) -> DecodeState:
         """Validate the request, give it a cache slot, prefill it and let the drafter set up.
+        ``domain``: the request's domain tag, if known (a mixture drafter routes by it).
 
         Every started state must leave through :meth:`release` (``generate`` does it)."""
-        return self.start_batch([prompt], [max_new_tokens], [sampling])[0]
+        return self.start_batch([prompt], [max_new_tokens], [sampling], [domain])[0]
 
     def start_batch(
         self,
         prompts: Sequence[str | list[int]],
         max_new_tokens: Sequence[int],
         samplings: Sequence[SamplingParams | None] | None = None,
+        domains: Sequence[str | None] | None = None,
     ) -> list[DecodeState]:
         """:meth:`start` for many requests at once: their prompts prefilled together
         (:func:`~osd.specdec.lean.prefill`: few target forwards instead of one each) and
         the drafter's set-up batched. All or none: if any request is refused, none is
         started (the caller may then start them one by one to find the bad one)."""
         samplings = samplings or [None] * len(prompts)
+        domains = domains or [None] * len(prompts)
         states = []
-        for prompt, max_new, sampling in zip(prompts, max_new_tokens, samplings, strict=True):
+        for prompt, max_new, sampling, domain in zip(
+            prompts, max_new_tokens, samplings, domains, strict=True
+        ):
             if not isinstance(max_new, int) or max_new <= 0:
                 raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
             sampling = sampling or SamplingParams()
@@ -226,7 +232,9 @@ class SpeculativeDecoder:
                 max_new_tokens=min(max_new, self.context - len(ids)),
                 sampling=sampling,
                 generator=sampling.make_generator(),
+                domain=domain,
             )
+            self.drafter.check_domain(domain)
             states.append(state)
         with self.ledger.time("prefill"), torch.inference_mode():
             try:
