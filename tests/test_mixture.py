@@ -306,3 +306,39 @@ def test_serve_trains_and_versions_a_mixture(monkeypatch):
             replica.loop.stop(timeout_s=5)
             replica.sink.close(timeout_s=5)
             registry.stop()
+
+
+# ---- the experiment's figures, on a synthetic run ----------------------------------------
+
+
+def test_mixture_experiment_figures_on_a_synthetic_run(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from osd.online import RequestLog
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    from mixture import plot, routing_table, summarise, verdict
+
+    def rows(online):  # 90 requests, math / sql / code in turn; frozen α 0.2 throughout
+        return [
+            RequestLog(i, d, 0, online[d] / 10, 0.2, 10, online[d], 10, 2)
+            for i, d in zip(range(90), ["math", "sql", "code"] * 30, strict=True)
+        ]
+
+    domains = ["math", "sql", "code"]
+    shared = summarise(rows({"math": 5, "sql": 4, "code": 3}), domains)
+    mixed = summarise(rows({"math": 6, "sql": 5, "code": 4}), domains)
+    assert shared["last_requests"] == 30
+    assert shared["alpha_online"] == pytest.approx(0.4)
+    assert mixed["alpha_online_by_domain"] == pytest.approx({"math": 0.6, "sql": 0.5, "code": 0.4})
+    assert mixed["alpha_frozen"] == pytest.approx(0.2)
+    v = verdict({"shared": shared, "mixture-tag": mixed})
+    assert v["mixture-tag"] == pytest.approx(0.1) and v["best"] == "mixture-tag" and v["goal_met"]
+    routes = [("math", "a")] * 3 + [("math", "b")] + [("sql", "b")] * 4 + [("code", None)]
+    r = routing_table(routes, domains)
+    assert r["table"] == {"math": {"a": 3, "b": 1}, "sql": {"b": 4}, "code": {}}
+    assert r["purity"] == pytest.approx(7 / 8)
+    doc = {"runs": {"shared": shared, "mixture-tag": mixed}, "config": {"schedule": "s"}}
+    plot(doc, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
