@@ -342,3 +342,18 @@ def test_mixture_experiment_figures_on_a_synthetic_run(tmp_path):
     doc = {"runs": {"shared": shared, "mixture-tag": mixed}, "config": {"schedule": "s"}}
     plot(doc, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_the_mixture_topology_loads():
+    from pathlib import Path
+
+    from osd.actors.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "deploy" / "mixture.yaml")
+    assert cfg.drafter == "mixture" and cfg.trainer.distill.lora
+    assert cfg.serve.drafter_config(cfg.drafter, cfg.k) == {
+        "k": 4,
+        "domains": "math,sql,code",
+        "router": "tag",
+        "explore": 0.1,
+    }
