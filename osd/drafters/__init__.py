@@ -73,6 +73,7 @@ def _draft_model(
     without_replacement: bool = True,
     shortlist: bool = False,
     early_stop: float | None = None,
+    target_init: bool = False,
 ) -> Drafter:
     if draft is None:
         raise ValueError("drafter 'draft_model' needs a draft model (--draft zoo:draft)")
@@ -84,6 +85,7 @@ def _draft_model(
         without_replacement=without_replacement,
         shortlist=ids,
         early_stop=early_stop,
+        target_init=target_init,
     )
 
 

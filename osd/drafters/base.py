@@ -35,6 +35,9 @@ class DecodeState:
     slot: int = -1  # the engine's KV-cache slot (holds tokens[:-1]); -1 once released
     draft: Any = None  # the drafter's per-sequence state
     target_hidden: torch.Tensor | None = None  # [L, H] target last hidden states, newest last
+    # [V] the target's distribution of the token after tokens[-1] when the last step kept
+    # it instead of drawing it (target-initialised trees; warped, or the logits if greedy)
+    pending: torch.Tensor | None = None
     domain: str | None = None  # the request's domain tag, when the client gave one
     route: str | None = None  # the adapter a mixture drafter chose (logged with the record)
     finished: bool = False
@@ -75,6 +78,9 @@ class Drafter:
 
     name = "none"
     needs_hidden_states = False  # the engine returns target hidden states only when True
+    # target-initialised: a step that accepted a token keeps its last token's distribution
+    # in DecodeState.pending (not drawn); the next tree's first level is that top-k
+    defers_bonus = False
 
     def __init__(self) -> None:
         self.version = 0

@@ -18,6 +18,19 @@ target (:mod:`osd.specdec.lean`). The cache holds the committed tokens plus the 
 levels; after acceptance the accepted nodes it holds move next to the root (a chain's are
 already there) and the rest is past the length, i.e. gone.
 
+Target-initialised trees (improved MCSD, ``target_init=True``): the engine then does not
+draw a step's last token (bonus or recovered) but keeps its target distribution in
+``DecodeState.pending``; the next tree's first level is that distribution's top-c — point
+masses, which acceptance samples exactly — and every branch below is drafted as usual.
+The first level costs no draft forward: it is fed together with the catch-up. Worked
+example, greedy, ``tree=(2, 2)``: the target's row after the last accepted token ranks
+tokens 17 > 4 > …; the first level is ``[17, 4]``, the draft's top-2 after ``17`` and after
+``4`` the second (parents ``[-1, -1, 0, 0, 1, 1]``); the engine's greedy walk accepts 17
+(the target's argmax, as its bonus would have been) and continues below it. A sequence
+with nothing pending (just admitted, or its last step accepted nothing and drew the token)
+gets the configuration less its first level, drafted below the token the engine drew —
+which is the target's own, as the first level would have been.
+
 Frequent-token shortlist (FR-Spec, ``shortlist=ids``): a small draft's cost is mostly its
 LM head over the whole vocabulary; with a shortlist the head runs over those rows only and
 the chosen rows map back to target ids (sampling: the draft's distribution is zero outside
@@ -90,6 +103,7 @@ class _Shape:
     parents: list[int]
     levels: list[tuple[int, int]]  # [lo, hi) node range of each level
     anc: torch.Tensor  # [n, n] bool
+    branching: tuple[int, ...] = ()  # children per node, level by level
 
     @classmethod
     def of(cls, branching: tuple[int, ...]) -> _Shape:
@@ -102,7 +116,7 @@ class _Shape:
                 parents.extend([node] * c)
             levels.append((lo, len(parents)))
             frontier = list(range(lo, len(parents)))
-        return cls(parents, levels, ancestor_matrix(torch.tensor(parents)))
+        return cls(parents, levels, ancestor_matrix(torch.tensor(parents)), tuple(branching))
 
 
 SHORTLIST_FILE = "shortlist.json"
@@ -150,11 +164,14 @@ class DraftModelDrafter(Drafter):
         without_replacement: bool = True,
         shortlist: Sequence[int] | None = None,
         early_stop: float | None = None,
+        target_init: bool = False,
     ) -> None:
         """``shortlist``: target token ids the draft may propose (FR-Spec); its LM head
         then runs over those rows only, and its choices map back to the target's ids.
-        ``early_stop``: a chain stops drafting a sequence where the online decision model
-        (:mod:`osd.specdec.decision`) predicts acceptance below this threshold."""
+        ``early_stop``: drafting stops for a sequence where the online decision model
+        (:mod:`osd.specdec.decision`) predicts acceptance below this threshold (on a tree,
+        from the draft distribution of each level's first open node).
+        ``target_init``: the first level is the target's top-c (module docstring)."""
         super().__init__()
         if tree is None:
             if not isinstance(k, int) or k <= 0:
@@ -163,10 +180,12 @@ class DraftModelDrafter(Drafter):
         self.branching = parse_tree(tree)
         self.stop = None
         if early_stop is not None:
-            if any(c != 1 for c in self.branching):
-                raise ValueError("early_stop works on a chain (k), not on a tree")
             self.stop = AcceptPredictor(threshold=float(early_stop))
+        self.target_init = self.defers_bonus = bool(target_init)
         self.shape = _Shape.of(self.branching)
+        # target-initialised, nothing pending: the engine drew the last token itself (the
+        # target's own), so the draft's tree below it is the configuration less its first level
+        self.rest = _Shape.of(self.branching[1:] or self.branching)
         self.model = model.eval()
         self.vocab = int(model.config.vocab_size)
         self.short = None
@@ -243,6 +262,8 @@ class DraftModelDrafter(Drafter):
         """Feed each sequence the committed tokens its cache lacks (the root at least);
         returns the draft logits after each root ``[a, V]``."""
         seqs = [s.draft for s in states]
+        for s, d in zip(states, seqs, strict=True):  # the root at least (it may be cached)
+            d.cached = min(d.cached, len(s.tokens) - 1)
         starts = torch.tensor([d.cached for d in seqs])
         tails = [s.tokens[d.cached :] for s, d in zip(states, seqs, strict=True)]
         counts = torch.tensor([len(t) for t in tails])
@@ -261,19 +282,88 @@ class DraftModelDrafter(Drafter):
             d.fed = 0
         return logits
 
-    def _feed(self, states: Sequence[DecodeState], ids: torch.Tensor, lo: int, hi: int):
+    def _catch_up_first(self, states: Sequence[DecodeState], first: torch.Tensor) -> torch.Tensor:
+        """Target-initialised: feed each sequence the committed tokens its cache lacks (maybe
+        none) **and** the first level ``first`` ``[a, c]`` in one forward; returns the draft
+        logits after each first-level node ``[a, c, V]``.
+
+        Row layout ``[tail (padded to t) | c nodes]``: a tail token at its position
+        (causal), node j at position ``len(tokens)`` (depth 1), written at
+        ``len(tokens) + j`` and seeing the committed tokens and itself; padding writes past
+        the first level (overwritten by the next level) and sees position 0 only."""
+        seqs = [s.draft for s in states]
+        a, c = first.shape
+        starts = torch.tensor([d.cached for d in seqs])  # [a]
+        committed = torch.tensor([len(s.tokens) for s in states])  # [a]
+        tails = [s.tokens[d.cached :] for s, d in zip(states, seqs, strict=True)]
+        counts = torch.tensor([len(t) for t in tails])  # [a]
+        t = int(counts.max())
+        ids = torch.zeros(a, t + c, dtype=torch.long)
+        for i, tail in enumerate(tails):
+            ids[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        ids[:, t:] = first
+        row = torch.arange(t)[None]  # [1, t]
+        real = row < counts[:, None]  # [a, t]
+        pos = torch.cat([starts[:, None] + row, committed[:, None].expand(a, c)], 1)  # [a, t+c]
+        scratch = committed[:, None] + c + row  # padding writes past the first level
+        at = torch.cat(
+            [
+                torch.where(real, starts[:, None] + row, scratch),
+                committed[:, None] + torch.arange(c),
+            ],
+            1,
+        )
+        length = int(committed.max()) + c + t
+        self.cache.reserve(length + len(self.shape.parents) + 1)
+        col = torch.arange(length)[None, None, :]  # [1, 1, L]
+        tail_mask = (col <= pos[:, :t, None]) & (real[:, :, None] | (col == 0))  # [a, t, L]
+        node_mask = (col < committed[:, None, None]) | (col == at[:, t:, None])  # [a, c, L]
+        mask = torch.cat([tail_mask, node_mask], 1)
+        slots = torch.tensor([d.slot for d in seqs])
+        logits, _ = self.lm.forward(self.cache, slots, ids, pos, at, mask)
+        for s, d in zip(states, seqs, strict=True):
+            d.cached = d.committed = len(s.tokens)
+            d.fed = c
+        return logits[:, t:]
+
+    def _first_level(
+        self, states: Sequence[DecodeState], c: int
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor | None]]]:
+        """The target's top-c of each pending distribution ``[a, c]`` (target ids) and, per
+        sequence, the rows acceptance reads them from: point masses — ``None`` for greedy,
+        one-hot rows where the deeper levels are sampled (a one-hot ``d`` is the point-mass
+        rule). Fewer than c tokens of positive probability: the last one repeats (a
+        sibling that can never be accepted)."""
+        rows, probs = [], []
+        for s in states:
+            pend = s.pending.float()  # [V]
+            top = pend.topk(min(c, pend.numel())).indices.tolist()
+            if not s.sampling.greedy:
+                top = [x for x in top if pend[x] > 0] or top[:1]
+            top += [top[-1]] * (c - len(top))
+            rows.append(top)
+            if s.sampling.greedy:
+                probs.append([None] * c)
+            else:
+                one = torch.eye(1, self.vocab, device=pend.device)[0]  # [V] one-hot at 0
+                probs.append([one.roll(x) for x in top])
+        return torch.tensor(rows, dtype=torch.long), probs
+
+    def _feed(
+        self, states: Sequence[DecodeState], ids: torch.Tensor, lo: int, hi: int, shape: _Shape
+    ):
         """Feed the level's nodes ``lo..hi-1`` (ids ``[a, hi - lo]``) after the earlier
         levels; returns their draft logits ``[a, hi - lo, V]``."""
         seqs = [s.draft for s in states]
         committed = torch.tensor([d.committed for d in seqs])  # [a]
         a, w = ids.shape
-        depth = int(self.shape.levels.index((lo, hi))) + 1
+        depth = int(shape.levels.index((lo, hi))) + 1
         pos = (committed - 1 + depth)[:, None].expand(a, w)
         at = committed[:, None] + torch.arange(lo, hi)[None]  # [a, w]
         length = int(committed.max()) + hi
         col = torch.arange(length)[None, None, :]
         mask = (col < committed[:, None, None]).expand(a, w, length).clone()
-        anc = self.shape.anc[lo:hi, :hi]  # [w, hi]
+        anc = shape.anc[lo:hi, :hi]  # [w, hi]
         node_cols = committed[:, None, None] + torch.arange(hi)[None, None, :]  # [a, 1, hi]
         mask.scatter_(2, node_cols.expand(a, w, hi), anc[None].expand(a, w, hi))
         slots = torch.tensor([d.slot for d in seqs])
@@ -288,20 +378,51 @@ class DraftModelDrafter(Drafter):
             min(self.k, d, self.context - len(s.tokens))
             for s, d in zip(states, depths, strict=True)
         ]
-        active = [i for i, d in enumerate(limit) if d > 0]
         trees = [TokenTree.empty() for _ in states]
-        if not active:
-            return trees
+        active = [i for i, d in enumerate(limit) if d > 0]
+        init = [i for i in active if self.target_init and states[i].pending is not None]
+        rest = [i for i in active if i not in set(init)]
+        for group, from_target in ((init, True), (rest, False)):
+            if group:
+                shape = self.rest if self.target_init and not from_target else self.shape
+                for i in group:
+                    limit[i] = min(limit[i], len(shape.levels))
+                self._propose(states, group, limit, trees, shape, from_target)
+        return trees
+
+    def _propose(
+        self,
+        states: Sequence[DecodeState],
+        active: list[int],
+        limit: list[int],
+        trees: list[TokenTree],
+        shape: _Shape,
+        from_target: bool,
+    ) -> None:
+        """Draft the trees of ``states[active]`` into ``trees``: level by level, one draft
+        forward each; the first level from the target's pending distribution when
+        ``from_target`` (fed with the catch-up), else from the draft."""
         act = [states[i] for i in active]
-        frontier = self._catch_up(act)[:, None]  # [a, 1, V] logits of the open nodes
         toks: list[list[int]] = [[] for _ in act]
-        probs: list[list[torch.Tensor]] = [[] for _ in act]
+        probs: list[list[torch.Tensor | None]] = [[] for _ in act]
+        feats: list[torch.Tensor] = []
+        first = 0
+        if from_target:
+            kids, probs = self._first_level(act, shape.branching[0])  # [a, c]
+            toks = kids.tolist()
+            if self.stop is not None:  # the target's distribution there (a label, no stop)
+                pend = torch.stack([s.pending.float() for s in act])
+                pend = pend if all(s.sampling.greedy for s in act) else pend.clamp_min(1e-30).log()
+                feats.append(self.stop.features(pend, 0))
+            frontier = self._catch_up_first(act, kids)  # [a, c, V]
+            first = 1
+        else:
+            frontier = self._catch_up(act)[:, None]  # [a, 1, V] logits of the open nodes
         greedy = all(s.sampling.greedy for s in act)
         deepest = max(limit[i] for i in active)
-        feats: list[torch.Tensor] = []
-        for d in range(deepest):
-            c = self.branching[d]
-            if self.stop is not None:  # chains only: frontier [a, 1, V]
+        for d in range(first, deepest):
+            c = shape.branching[d]
+            if self.stop is not None:  # from each sequence's first open node
                 f = self.stop.features(frontier[:, 0], d)
                 feats.append(f)
                 if d > 0:  # the decision model may end a chain here (never before depth 1)
@@ -335,20 +456,19 @@ class DraftModelDrafter(Drafter):
                     toks[i] += kids[i].tolist()
             if d == deepest - 1:
                 break
-            lo, hi = self.shape.levels[d]
-            frontier = self._feed(act, kids, lo, hi)
+            lo, hi = shape.levels[d]
+            frontier = self._feed(act, kids, lo, hi, shape)
         for i, s in enumerate(act):
             if feats:
                 s.draft.stop_feats = torch.stack([f[i] for f in feats[: limit[active[i]]]])
-            n = self.shape.levels[limit[active[i]] - 1][1]
-            greedy_row = not probs[i] or probs[i][0] is None  # point masses
+            n = shape.levels[limit[active[i]] - 1][1]
+            greedy_row = all(x is None for x in probs[i][:n])  # point masses
             p = None if greedy_row else torch.stack(probs[i][:n])
             tree = TokenTree.from_parents(
-                toks[i][:n], self.shape.parents[:n], p, self.without_replacement
+                toks[i][:n], shape.parents[:n], p, self.without_replacement
             )
-            s.draft.fed = min(s.draft.fed, self.shape.levels[limit[active[i]] - 1][0])
+            s.draft.fed = min(s.draft.fed, n)  # nodes of this tree whose K/V it holds
             trees[active[i]] = tree
-        return trees
 
     def observe_batch(self, states: Sequence[DecodeState], results: Sequence[StepResult]) -> None:
         slots, src, dst = [], [], []

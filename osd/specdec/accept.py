@@ -111,6 +111,7 @@ __all__ = [
     "accept_greedy",
     "accept_sampling",
     "accept_typical",
+    "final_distribution",
 ]
 
 # A residual whose mass is at most this is treated as zero (see "Edge cases" above).
@@ -386,6 +387,49 @@ def accept_sampling(
         path.append(j)
         node = j
         target = _normalised(q64, q_sums, j + 1, "q")
+
+
+def final_distribution(
+    tokens: torch.Tensor,  # [n]
+    parents: torch.Tensor,  # [n]
+    q: torch.Tensor,  # [n + 1, V]
+    p: torch.Tensor | None,  # [n, V]
+    without_replacement: bool,
+    result: AcceptResult,
+) -> torch.Tensor:
+    """``[V]`` the distribution :func:`accept_sampling` drew ``result.next_token`` from.
+
+    At a leaf (bonus) it is the target row after the last accepted node; after a rejection
+    (recovered) it is that row with every child of the last accepted node rejected in turn,
+    ``r ← norm(max(r − d, 0))`` — fixed by the tree and the path, not by the coins. A
+    target-initialised step (:mod:`osd.drafters.draft_model`) keeps it instead of drawing
+    the token: the next step proposes its top-k as point masses, which samples it exactly.
+
+    Worked example (the module's tree, point masses): both children of the root rejected,
+    ``q[0] = [0.1, 0.2, 0.3, 0.4]`` less token 2, then less token 3, renormalised:
+
+    >>> q = torch.tensor([[0.1, 0.2, 0.3, 0.4]] + [[0.25] * 4] * 3)
+    >>> r = final_distribution(torch.tensor([2, 3, 1]), torch.tensor([-1, -1, 0]), q, None,
+    ...                        False, AcceptResult([], [], 1, False))
+    >>> [round(x, 3) for x in r.tolist()]
+    [0.333, 0.667, 0.0, 0.0]
+    """
+    tok = _check_vector("tokens", tokens)
+    children = _children(_check_vector("parents", parents, len(tok)))
+    last = result.path[-1] if result.path else -1
+    q64, q_sums = _float64_numpy("q", q, (len(tok) + 1, -1))
+    target = _normalised(q64, q_sums, last + 1, "q")
+    if not result.is_bonus:
+        p64, p_sums = (None, []) if p is None else _float64_numpy("p", p, (len(tok), -1))
+        removed: list[int] = []
+        for j in children[last + 1]:
+            x = tok[j]
+            draft = None
+            if p64 is not None:
+                draft = _draft(p64, p_sums, j, x, removed if without_replacement else [])
+            target = _residual(target, draft, x)
+            removed.append(x)
+    return torch.from_numpy(target).to(q.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,14 @@ itself, which is where a new drafter version can be adopted: between steps, neve
 
 Stopping. A step emits ``accepted + 1`` tokens; the commit cuts them at the first EOS
 (inclusive) and at ``max_new_tokens``, exactly where target-only decoding would stop.
+
+Target-initialised trees (a drafter with ``defers_bonus``): a step that accepted at least
+one token emits only the accepted ones and keeps the distribution its last token would
+have been drawn from (the target row at a leaf, the residual after a rejection:
+:func:`~osd.specdec.accept.final_distribution`) in ``DecodeState.pending``; the next
+step's first-level candidates are its top-k (point masses) and acceptance reads that
+distribution at the root instead of the recomputed row, so the token is still drawn from
+it exactly. A step that accepted nothing draws the token as usual.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.kernels import accept_greedy_batch, accept_sampling_batch
-from osd.specdec.accept import AcceptResult, accept_typical
+from osd.specdec.accept import AcceptResult, accept_typical, final_distribution
 from osd.specdec.kvcache import moves
 from osd.specdec.lean import LeanLM, prefill
 from osd.specdec.ledger import Ledger
@@ -274,8 +282,12 @@ class SpeculativeDecoder:
         if any(s.finished or s.released for s in states):
             raise RuntimeError("step_batch() on a finished or released sequence")
         stats = stats or [None] * len(states)
-        # emitted ≤ depth + 1 ≤ tokens_left: drafting deeper is wasted work
-        depths = [max(0, s.tokens_left - 1) for s in states]
+        # emitted ≤ depth + 1 ≤ tokens_left: drafting deeper is wasted work (with a pending
+        # token and a target-initialised drafter the first level *is* that token: ≤ depth)
+        kept = self.drafter.defers_bonus
+        depths = [
+            max(0, s.tokens_left - (0 if kept and s.pending is not None else 1)) for s in states
+        ]
         if self.controller is not None:  # load-aware: the batch size is part of its model
             cap = self.controller.depth(len(states))
             depths = [min(d, cap) for d in depths]
@@ -350,14 +362,14 @@ class SpeculativeDecoder:
             eps, delta = self.typical
             for i in sampled:
                 n = trees[i].size
-                q = warp_probs(logits[i, : n + 1], states[i].sampling)
+                q = self._target_probs(states[i], logits[i, : n + 1])
                 out[i] = accept_typical(
                     trees[i].tokens, trees[i].parents, q, epsilon=eps, delta=delta
                 )
             sampled = []
         for i in sampled:  # per request: its own temperature, top-k/p and generator
             tree, s = trees[i], states[i]
-            q = warp_probs(logits[i, : tree.size + 1], s.sampling)  # [n + 1, V]
+            q = self._target_probs(s, logits[i, : tree.size + 1])  # [n + 1, V]
             u = torch.rand(tree.size + 1, generator=s.generator, dtype=torch.float64)
             res = accept_sampling_batch(
                 tree.tokens[None],
@@ -371,6 +383,28 @@ class SpeculativeDecoder:
             )
             out[i] = res.unbind()[0]
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _target_probs(state: DecodeState, logits: torch.Tensor) -> torch.Tensor:
+        """``[n + 1, V]`` warped target rows; row 0 is the pending distribution when the
+        last step kept its token undrawn (it may be a residual, not the recomputed row)."""
+        q = warp_probs(logits, state.sampling)
+        if state.pending is not None:
+            q[0] = state.pending.to(q)
+        return q
+
+    def _pending(
+        self, state: DecodeState, tree: TokenTree, result: AcceptResult, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """``[V]`` what the step's undrawn last token is distributed as: greedy, the target
+        logits after the last accepted node (the next tree ranks them); sampling, the
+        warped row or residual :func:`~osd.specdec.accept.final_distribution` gives."""
+        last = result.path[-1]
+        if state.sampling.greedy:
+            return logits[last + 1].detach().clone()
+        q = self._target_probs(state, logits[: tree.size + 1])
+        p = tree.draft_probs
+        return final_distribution(tree.tokens, tree.parents, q, p, tree.without_replacement, result)
 
     def _commit(
         self,
@@ -389,7 +423,9 @@ class SpeculativeDecoder:
             mv_slot += [state.slot] * len(src)
             mv_src += src
             mv_dst += dst
-            emitted = result.emitted_tokens[: state.tokens_left]
+            defer = self.drafter.defers_bonus and bool(result.path)  # target-initialised
+            emitted = result.accepted_tokens if defer else result.emitted_tokens
+            emitted = emitted[: state.tokens_left]
             for j, tok in enumerate(emitted):
                 if tok in self.eos:
                     emitted = emitted[: j + 1]
@@ -398,6 +434,9 @@ class SpeculativeDecoder:
             state.tokens.extend(emitted)
             if not state.finished and state.tokens_left <= 0:
                 state.finished, state.finish_reason = True, "length"
+            state.pending = None
+            if defer and not state.finished:
+                state.pending = self._pending(state, tree, result, logits[i])
             n = tree.size
             h = None if hidden is None else hidden[i, : n + 1]
             if h is not None and self.drafter.needs_hidden_states:
@@ -411,6 +450,7 @@ class SpeculativeDecoder:
                     emitted=emitted,
                     target_logits=logits[i, : n + 1] if self.keep_logits else None,
                     target_hidden=h if self.keep_hidden else None,
+                    extra={"deferred": state.pending is not None},
                 )
             )
         # KV: the accepted nodes move next to the root; the prefix never moves
