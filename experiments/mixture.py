@@ -24,6 +24,7 @@ router, the JSON has its routing table (domain × adapter, over the training rec
 
     python experiments/mixture.py --json docs/mixture.json --plot docs/mixture.png
     python experiments/mixture.py --quick --json /tmp/m.json --plot /tmp/m.png  # minutes
+    python experiments/mixture.py --append --variants mixture-learned --json … --plot …
 
 Runs are sequential (one torch thread); on this 2-core machine one run of 360 requests
 takes 6–10 min (``shared-lora`` is not run by default).
@@ -92,15 +93,22 @@ def summarise(rows, domains: list[str]) -> dict:
 
 
 def routing_table(routes, domains: list[str]) -> dict:
-    """{domain: {adapter: records}} and the purity: the share of records whose adapter is
-    their domain's most frequent one."""
+    """{domain: {adapter: records}}; each domain's ``top`` adapter; the purity (the share
+    of records whose adapter is their domain's top one) and whether the domains' top
+    adapters are all different (``specialised``: no two domains share one)."""
     table: dict = {d: {} for d in domains}
     for d, a in routes:
         if d in table and a is not None:
             table[d][a] = table[d].get(a, 0) + 1
-    top = sum(max(t.values(), default=0) for t in table.values())
+    top = {d: max(t, key=t.get) for d, t in table.items() if t}
+    hits = sum(table[d][a] for d, a in top.items())
     total = sum(sum(t.values()) for t in table.values())
-    return {"table": table, "purity": top / total if total else None}
+    return {
+        "table": table,
+        "top": top,
+        "purity": hits / total if total else None,
+        "specialised": len(set(top.values())) == len(top) == len(domains),
+    }
 
 
 def run_one(name: str, args) -> dict:
@@ -238,7 +246,10 @@ def print_summary(doc: dict) -> None:
     for name, r in runs.items():
         if "routing" in r:
             con.print(f"{name} routing (domain → adapter: records): {r['routing']['table']}")
-            con.print(f"  purity {r['routing']['purity']:.3f}")
+            con.print(
+                f"  top adapter by domain {r['routing']['top']}, purity "
+                f"{r['routing']['purity']:.3f}, specialised: {r['routing']['specialised']}"
+            )
     v = doc.get("verdict", {})
     if "best" in v:
         con.print(
@@ -258,6 +269,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="60 requests a run")
+    ap.add_argument(
+        "--append", action="store_true", help="keep the runs already in --json, (re)run these"
+    )
     ap.add_argument("--json", type=Path, required=True, help="results (rewritten after each run)")
     ap.add_argument("--plot", type=Path, required=True)
     args = ap.parse_args()
@@ -274,6 +288,10 @@ def main() -> None:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     doc: dict = {"runs": {}, "config": config}
+    if args.append and args.json.is_file():
+        old = json.loads(args.json.read_text())
+        doc["runs"] = {k: v for k, v in old["runs"].items() if k not in names}
+        doc["config"] = {**old["config"], "appended": {"variants": names, **config}}
     for name in names:
         print(f"· {name} ({args.n} requests) …", flush=True)
         doc["runs"][name] = run_one(name, args)

@@ -77,9 +77,11 @@ def test_router_routes_by_tag_and_refuses_unknown_tags():
 
 def test_learned_router_worked_example():
     """The module docstring's example: two prompt kinds, each adapter good on one."""
-    r = Router(["a", "b"], mode="learned", explore=0.0)
     kind_a, kind_b = [1, 2, 1, 2], [7, 8, 7, 8]
-    assert (r.route(kind_a), r.route(kind_b)) == ("a", "a")  # optimistic prior: a tie
+    flat = Router(["a", "b"], mode="learned", explore=0.0, balance=0.0)
+    assert (flat.route(kind_a), flat.route(kind_b)) == ("a", "a")  # optimistic prior: a tie
+    r = Router(["a", "b"], mode="learned", explore=0.0)
+    assert (r.route(kind_a), r.route(kind_b)) == ("a", "b")  # the tie goes to the less used
     for _ in range(20):
         r.update(kind_a, "a", 0.8), r.update(kind_a, "b", 0.2)
         r.update(kind_b, "a", 0.1), r.update(kind_b, "b", 0.7)
@@ -87,6 +89,9 @@ def test_learned_router_worked_example():
     mean_a, _ = r.scores(r.features(kind_a))["a"]
     assert 0.7 < mean_a < 0.85  # ≈ 0.8, shrunk a little towards the prior
     assert r.route(kind_b, tag="a") == "b"  # learned mode: tags only label records
+    for _ in range(100):  # a flood of one kind: a keeps what it is far better at
+        r.route(kind_a)
+    assert r.share["a"] > 0.5 and r.route(kind_a) == "a"
 
 
 def test_prompt_features_are_a_normalised_hashed_histogram():
@@ -339,6 +344,8 @@ def test_mixture_experiment_figures_on_a_synthetic_run(tmp_path):
     r = routing_table(routes, domains)
     assert r["table"] == {"math": {"a": 3, "b": 1}, "sql": {"b": 4}, "code": {}}
     assert r["purity"] == pytest.approx(7 / 8)
+    assert r["top"] == {"math": "a", "sql": "b"} and not r["specialised"]
+    assert routing_table([("math", "a"), ("sql", "b")], ["math", "sql"])["specialised"]
     doc = {"runs": {"shared": shared, "mixture-tag": mixed}, "config": {"schedule": "s"}}
     plot(doc, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0

@@ -18,13 +18,21 @@ Two ways, one class (:class:`Router`):
   Feedback is the α the served adapter got (:meth:`Router.update`): **every** served
   request teaches the router, tagged ones too.
 
+  **Load balance**: without tags the adapters start identical and learn from what the
+  router sends them, so the adapter that happens to be ahead gets more traffic, learns
+  more and stays ahead — the whole stream collapses onto one adapter (the mixture-of-
+  experts failure; measured: ``experiments/mixture.py``). As MoE routers do, each score
+  pays ``balance · (share_a − 1/N)``, ``share_a`` the adapter's recent share of requests
+  (an exponential average, rate ``balance_rate``): an adapter may lead only where it is
+  clearly better, so different prompt kinds settle on different adapters.
+
 Worked example — two adapters, prompts ``[1, 2, 1, 2]`` (kind A) and ``[7, 8, 7, 8]``
 (kind B); adapter ``a`` accepts well on A, ``b`` on B:
 
 >>> r = Router(["a", "b"], mode="learned", explore=0.0)
 >>> A, B = [1, 2, 1, 2], [7, 8, 7, 8]
->>> r.route(A), r.route(B)  # untrained: the optimistic prior ties, the first adapter wins
-('a', 'a')
+>>> r.route(A), r.route(B)  # untrained: the prior ties; a's share now leads, so B goes to b
+('a', 'b')
 >>> for _ in range(20):
 ...     r.update(A, "a", 0.8); r.update(A, "b", 0.2); r.update(B, "a", 0.1); r.update(B, "b", 0.7)
 >>> r.route(A), r.route(B)
@@ -85,6 +93,8 @@ class Router:
         explore: float = 0.1,
         prior: float = 1.0,
         decay: float = 1.0,
+        balance: float = 0.5,
+        balance_rate: float = 0.02,
     ) -> None:
         adapters = list(adapters)
         if not adapters or len(set(adapters)) != len(adapters):
@@ -96,7 +106,11 @@ class Router:
         if not explore >= 0 or not 0 < decay <= 1:
             raise ValueError(f"router explore must be >= 0 and decay in (0, 1]: {explore}, {decay}")
         self.adapters, self.mode, self.dim = adapters, mode, dim
+        if not balance >= 0 or not 0 < balance_rate <= 1:
+            raise ValueError(f"router balance must be >= 0, balance_rate in (0, 1]: {balance}")
         self.explore, self.decay = float(explore), float(decay)
+        self.balance, self.balance_rate = float(balance), float(balance_rate)
+        self.share = {a: 1.0 / len(adapters) for a in adapters}  # recent share of requests
         n = dim + 1
         self._a_inv = {a: np.eye(n) for a in adapters}  # A_a⁻¹, [n, n]
         self._b = {a: np.zeros(n) for a in adapters}  # b_a, [n]
@@ -134,8 +148,14 @@ class Router:
         else:
             x = self._x(tokens)
             scores = self.scores(x)
-            choice = max(self.adapters, key=lambda a: scores[a][0] + scores[a][1])
+            even = 1.0 / len(self.adapters)
+            choice = max(
+                self.adapters,
+                key=lambda a: sum(scores[a]) - self.balance * (self.share[a] - even),
+            )
         self.routed[choice] += 1
+        for a in self.adapters:  # exponential average of the routing decisions
+            self.share[a] += self.balance_rate * (float(a == choice) - self.share[a])
         return choice
 
     def update(self, tokens: Sequence[int] | np.ndarray, adapter: str, alpha: float) -> None:
@@ -157,4 +177,10 @@ class Router:
         return self.features(tokens)
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "routed": dict(self.routed), "updates": self.updates}
+        share = {a: round(v, 3) for a, v in self.share.items()}
+        return {
+            "mode": self.mode,
+            "routed": dict(self.routed),
+            "share": share,
+            "updates": self.updates,
+        }
