@@ -14,8 +14,9 @@ one on the same tokens:
   learns online which adapter accepts best for a prompt (LinUCB on the prompt's hashed
   token histogram, :mod:`osd.drafters.router`) and the adapters specialise on what it
   sends them;
-- ``mixture-tag-full`` — as ``mixture-tag`` with a full copy of the draft per domain
-  instead of a LoRA adapter (a mixture of drafts proper).
+- ``mixture-tag-full`` / ``mixture-learned-full`` — as ``mixture-tag`` / ``-learned``
+  with a full copy of the draft per domain instead of a LoRA adapter (a mixture of drafts
+  proper).
 
 Same compute for all: 2 trainer steps of 8 records after each request. The figure of
 merit is α (accepted ÷ proposed draft tokens, pooled) over the **last third** of the
@@ -27,7 +28,7 @@ router, the JSON has its routing table (domain × adapter, over the training rec
     python experiments/mixture.py --append --variants mixture-learned --json … --plot …
 
 Runs are sequential (one torch thread); on this 2-core machine one run of 360 requests
-takes 6–10 min (``shared-lora`` is not run by default).
+takes 6–8 min (``shared-lora`` is not run by default).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ VARIANTS = {
     "mixture-tag": {"drafter": "mixture", "lora": True, "router": "tag"},
     "mixture-learned": {"drafter": "mixture", "lora": True, "router": "learned"},
     "mixture-tag-full": {"drafter": "mixture", "lora": False, "router": "tag"},
+    "mixture-learned-full": {"drafter": "mixture", "lora": False, "router": "learned"},
 }
-DEFAULT_VARIANTS = "shared,mixture-tag,mixture-learned,mixture-tag-full"
+DEFAULT_VARIANTS = "shared,mixture-tag,mixture-learned,mixture-tag-full,mixture-learned-full"
 DOMAINS = "math,sql,code"
 GOAL = 0.05
 WINDOW = 30
