@@ -13,7 +13,8 @@ one on the same tokens:
 - ``mixture-learned`` — the same adapters, but requests carry **no** tag: the router
   learns online which adapter accepts best for a prompt (LinUCB on the prompt's hashed
   token histogram, :mod:`osd.drafters.router`) and the adapters specialise on what it
-  sends them;
+  sends them (``-unbalanced``: without the router's load balance, which is how the
+  adapters collapse onto one);
 - ``mixture-tag-full`` / ``mixture-learned-full`` — as ``mixture-tag`` / ``-learned``
   with a full copy of the draft per domain instead of a LoRA adapter (a mixture of drafts
   proper).
@@ -44,6 +45,12 @@ VARIANTS = {
     "shared-lora": {"drafter": "draft_model", "lora": True, "router": None},
     "mixture-tag": {"drafter": "mixture", "lora": True, "router": "tag"},
     "mixture-learned": {"drafter": "mixture", "lora": True, "router": "learned"},
+    "mixture-learned-unbalanced": {
+        "drafter": "mixture",
+        "lora": True,
+        "router": "learned",
+        "balance": 0.0,
+    },
     "mixture-tag-full": {"drafter": "mixture", "lora": False, "router": "tag"},
     "mixture-learned-full": {"drafter": "mixture", "lora": False, "router": "learned"},
 }
@@ -127,6 +134,8 @@ def run_one(name: str, args) -> dict:
     options = {}
     if v["drafter"] == "mixture":
         options = {"domains": args.domains, "router": v["router"]}
+        if "balance" in v:
+            options["balance"] = v["balance"]
     cfg = OnlineConfig(
         drafter=v["drafter"],
         drafter_options=options,
