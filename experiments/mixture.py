@@ -11,10 +11,9 @@ one on the same tokens:
   request drafted by its domain's adapter (the request's tag), each adapter trained on the
   records it drafted;
 - ``mixture-learned`` — the same adapters, but requests carry **no** tag: the router
-  learns online which adapter accepts best for a prompt (LinUCB on the prompt's hashed
-  token histogram, :mod:`osd.drafters.router`) and the adapters specialise on what it
-  sends them (``-unbalanced``: without the router's load balance, which is how the
-  adapters collapse onto one);
+  learns online which adapter accepts best for a prompt, and the adapters specialise on
+  what it sends them (prompts clustered by their token histogram, each cluster at its own
+  adapter until another accepts clearly better: :mod:`osd.drafters.router`);
 - ``mixture-tag-full`` / ``mixture-learned-full`` — as ``mixture-tag`` / ``-learned``
   with a full copy of the draft per domain instead of a LoRA adapter (a mixture of drafts
   proper).
@@ -45,12 +44,6 @@ VARIANTS = {
     "shared-lora": {"drafter": "draft_model", "lora": True, "router": None},
     "mixture-tag": {"drafter": "mixture", "lora": True, "router": "tag"},
     "mixture-learned": {"drafter": "mixture", "lora": True, "router": "learned"},
-    "mixture-learned-unbalanced": {
-        "drafter": "mixture",
-        "lora": True,
-        "router": "learned",
-        "balance": 0.0,
-    },
     "mixture-tag-full": {"drafter": "mixture", "lora": False, "router": "tag"},
     "mixture-learned-full": {"drafter": "mixture", "lora": False, "router": "learned"},
 }
@@ -134,8 +127,6 @@ def run_one(name: str, args) -> dict:
     options = {}
     if v["drafter"] == "mixture":
         options = {"domains": args.domains, "router": v["router"]}
-        if "balance" in v:
-            options["balance"] = v["balance"]
     cfg = OnlineConfig(
         drafter=v["drafter"],
         drafter_options=options,

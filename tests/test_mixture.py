@@ -71,35 +71,46 @@ def test_router_routes_by_tag_and_refuses_unknown_tags():
         Router(["a"], mode="best")
     with pytest.raises(ValueError, match="distinct adapter names"):
         Router(["a", "a"])
+    with pytest.raises(ValueError, match="unknown adapter 'c'"):
+        r.update([1], "c", 0.5)
     with pytest.raises(ValueError, match="alpha must be in"):
         r.update([1], "math", 1.5)
 
 
 def test_learned_router_worked_example():
-    """The module docstring's example: two prompt kinds, each adapter good on one."""
+    """The module docstring's example: two prompt kinds, two clusters, homes, a move."""
+    r = Router(["a", "b"], mode="learned", explore=0.0, prior=0.6)
     kind_a, kind_b = [1, 2, 1, 2], [7, 8, 7, 8]
-    flat = Router(["a", "b"], mode="learned", explore=0.0, balance=0.0)
-    assert (flat.route(kind_a), flat.route(kind_b)) == ("a", "a")  # optimistic prior: a tie
-    r = Router(["a", "b"], mode="learned", explore=0.0)
-    assert (r.route(kind_a), r.route(kind_b)) == ("a", "b")  # the tie goes to the less used
-    for _ in range(20):
-        r.update(kind_a, "a", 0.8), r.update(kind_a, "b", 0.2)
-        r.update(kind_b, "a", 0.1), r.update(kind_b, "b", 0.7)
-    assert (r.route(kind_a), r.route(kind_b)) == ("a", "b")
-    mean_a, _ = r.scores(r.features(kind_a))["a"]
-    assert 0.7 < mean_a < 0.85  # ≈ 0.8, shrunk a little towards the prior
-    assert r.route(kind_b, tag="a") == "b"  # learned mode: tags only label records
-    for _ in range(100):  # a flood of one kind: a keeps what it is far better at
-        r.route(kind_a)
-    assert r.share["a"] > 0.5 and r.route(kind_a) == "a"
+    assert (r.route(kind_a), r.route(kind_b)) == ("a", "b")  # each kind at its home
+    r.update(kind_a, "a", 0.4), r.update(kind_b, "b", 0.3)
+    assert (r.route(kind_a), r.route(kind_b)) == ("b", "a")  # untried: prior 0.6 > 0.5
+    r.update(kind_a, "b", 0.2), r.update(kind_b, "a", 0.9)
+    assert (r.route(kind_a), r.route(kind_b)) == ("a", "a")
+    assert r.scores(r.cluster(r.features(kind_b))) == pytest.approx({"a": 0.9, "b": 0.4})
+    assert r.route(kind_b, tag="b") == "a"  # learned mode: tags only label records
+
+
+def test_router_clusters_prompt_kinds_and_keeps_them_home():
+    """Three kinds of prompts, adapters equally good everywhere: each kind settles on its
+    own adapter (no collapse), and an adapter must beat home by the margin to take over."""
+    kinds = [[1, 2, 3, 1, 2, 3], [40, 41, 42, 40], [90, 91, 92, 93, 90]]
+    r = Router(["x", "y", "z"], mode="learned")
+    gen = np.random.default_rng(0)
+    for i in range(120):
+        kind = kinds[i % 3]
+        a = r.route(kind)
+        r.update(kind, a, float(np.clip(0.5 + 0.05 * gen.standard_normal(), 0, 1)))
+    homes = [r.route(k) for k in kinds]
+    assert sorted(homes) == ["x", "y", "z"]  # one adapter per kind
+    assert len(r.centroids) == 3 and sorted(r.cluster(r.features(k)) for k in kinds) == [0, 1, 2]
 
 
 def test_prompt_features_are_a_normalised_hashed_histogram():
     x = prompt_features([5, 9, 5], dim=16)
-    assert x.shape == (17,) and x[-1] == 1.0
-    np.testing.assert_allclose(np.linalg.norm(x[:-1]), 1.0)
+    assert x.shape == (16,)
+    np.testing.assert_allclose(np.linalg.norm(x), 1.0)
     np.testing.assert_array_equal(x, prompt_features([5, 9, 5], dim=16))  # no Python hash()
-    assert (prompt_features([], dim=16)[:-1] == 0).all()
+    assert (prompt_features([], dim=16) == 0).all()
 
 
 def test_doctests():
@@ -362,5 +373,6 @@ def test_the_mixture_topology_loads():
         "k": 4,
         "domains": "math,sql,code",
         "router": "tag",
-        "explore": 0.1,
+        "explore": 0.05,
+        "home": 0.1,
     }

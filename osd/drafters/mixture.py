@@ -233,13 +233,13 @@ def build_mixture(
     k: int = 4,
     domains: str | Sequence[str] = DEFAULT_DOMAINS,
     router: str = "tag",
-    explore: float = 0.1,
-    balance: float = 0.5,
+    explore: float = 0.05,
+    home: float = 0.1,
 ) -> MixtureDrafter:
     """A mixture of ``domains`` adapters of ``draft`` (the first adapter drafts with
     ``draft`` itself, the others with copies), chain length ``k``; ``router``: ``tag``
     (a request's domain tag, else learned) or ``learned`` (tags ignored); ``explore`` and
-    ``balance``: the learned router's exploration bonus and load balance."""
+    ``home``: the learned router's exploration bonus and its home margin."""
     if draft is None:
         raise ValueError("drafter 'mixture' needs a draft model (--draft zoo:draft)")
     names = parse_domains(domains)
@@ -247,7 +247,7 @@ def build_mixture(
         name: DraftModelDrafter(draft if i == 0 else copy.deepcopy(draft), k=k)
         for i, name in enumerate(names)
     }
-    return MixtureDrafter(adapters, Router(names, mode=router, explore=explore, balance=balance))
+    return MixtureDrafter(adapters, Router(names, mode=router, explore=explore, home=home))
 
 
 def mixture_student(drafter: Drafter) -> Student:

@@ -5,46 +5,54 @@ Two ways, one class (:class:`Router`):
 - **explicit tag** (``mode="tag"``): a request that names its domain (``"domain": "sql"``
   in the API) is drafted by that domain's adapter; a tag that names no adapter is an error
   (the server answers 400). Requests without a tag fall back to the learned rule.
-- **learned** (``mode="learned"``, and the fallback above): a contextual bandit on a cheap
-  feature of the prompt. The feature is the prompt's **hashed token histogram** —
-  unigram and bigram counts of its token ids hashed into ``dim`` buckets, L2-normalised,
-  plus a constant 1 (:func:`prompt_features`). Per adapter ``a`` a ridge regression
-  predicts the **acceptance rate** α the adapter gets on a prompt from that feature
-  (LinUCB, Li et al. 2010): ``θ_a = A_a⁻¹ b_a`` with ``A_a = I + Σ x xᵀ`` and
-  ``b_a = θ₀ + Σ α x`` over the requests ``a`` drafted; a request goes to
-  ``argmax_a θ_a·x + explore · sqrt(xᵀ A_a⁻¹ x)``. The prior ``θ₀`` predicts α =
-  ``prior`` for every prompt (optimistic: each adapter is tried before it is written off);
-  ``decay`` < 1 would forget old evidence geometrically (off by default).
-  Feedback is the α the served adapter got (:meth:`Router.update`): **every** served
+- **learned** (``mode="learned"``, and the fallback above), in two steps:
+
+  1. **which kind of prompt** — the prompt's feature is its **hashed token histogram**
+     (unigram and bigram counts of its token ids hashed into ``dim`` buckets, square-
+     rooted, L2-normalised: :func:`prompt_features`), centred on the mean feature of the
+     first ``warmup`` prompts (what all prompts share — spaces, punctuation — says nothing
+     of their kind) and normalised again. The router keeps one centroid per adapter:
+     k-means over the first ``warmup`` prompts (seeded farthest-point: the first prompt,
+     then the one least like those chosen, …), then moved towards each prompt nearest to it
+     (online k-means). A prompt's **cluster** is its nearest centroid (cosine).
+  2. **which adapter accepts best on that kind** — per cluster and adapter, the mean α of
+     the requests that adapter drafted there (an exponential average, so it follows the
+     adapters as they learn). Cluster ``j`` starts at **home** on adapter ``j``; another
+     adapter takes it over only if its mean beats the home adapter's by more than
+     ``home`` (an adapter never tried there counts as ``prior``, so each is tried once,
+     and ``explore / sqrt(1 + n)`` keeps trying the rarely tried).
+
+  Feedback is the α the served adapter got (:meth:`Router.update`); **every** served
   request teaches the router, tagged ones too.
 
-  **Load balance**: without tags the adapters start identical and learn from what the
-  router sends them, so the adapter that happens to be ahead gets more traffic, learns
-  more and stays ahead — the whole stream collapses onto one adapter (the mixture-of-
-  experts failure; measured: ``experiments/mixture.py``). As MoE routers do, each score
-  pays ``balance · (share_a − 1/N)``, ``share_a`` the adapter's recent share of requests
-  (an exponential average, rate ``balance_rate``): an adapter may lead only where it is
-  clearly better, so different prompt kinds settle on different adapters.
+Why homes: without tags the adapters start identical and learn from what the router sends
+them, so a router that only follows acceptance sends more to whichever adapter is ahead by
+chance, which then learns more and stays ahead — the stream collapses onto one adapter (the
+mixture-of-experts failure; a LinUCB router did exactly that in ``experiments/mixture.py``).
+Giving each prompt kind its own adapter first breaks that symmetry; acceptance then decides
+whether it stays there (e.g. when two clusters are one domain, or an adapter is bad).
 
-Worked example — two adapters, prompts ``[1, 2, 1, 2]`` (kind A) and ``[7, 8, 7, 8]``
-(kind B); adapter ``a`` accepts well on A, ``b`` on B:
+Worked example — adapters ``a`` and ``b``; prompts ``[1, 2, 1, 2]`` (kind A) and
+``[7, 8, 7, 8]`` (kind B):
 
->>> r = Router(["a", "b"], mode="learned", explore=0.0)
+>>> r = Router(["a", "b"], mode="learned", explore=0.0, prior=0.6)
 >>> A, B = [1, 2, 1, 2], [7, 8, 7, 8]
->>> r.route(A), r.route(B)  # untrained: the prior ties; a's share now leads, so B goes to b
+>>> r.route(A), r.route(B)  # two kinds, two clusters: each at its home adapter
 ('a', 'b')
->>> for _ in range(20):
-...     r.update(A, "a", 0.8); r.update(A, "b", 0.2); r.update(B, "a", 0.1); r.update(B, "b", 0.7)
->>> r.route(A), r.route(B)
-('a', 'b')
->>> r.route(B, tag="a")  # learned mode ignores tags (they stay record labels)
-'b'
+>>> r.update(A, "a", 0.4); r.update(B, "b", 0.3)
+>>> r.route(A), r.route(B)  # the other adapter was never tried there: prior 0.6 > 0.4 + 0.1
+('b', 'a')
+>>> r.update(A, "b", 0.2); r.update(B, "a", 0.9)
+>>> r.route(A), r.route(B)  # A stays home; B moves: a beats its home b by more than 0.1
+('a', 'a')
+>>> r.route(B, tag="b")  # learned mode ignores tags (they stay record labels)
+'a'
 >>> Router(["a", "b"]).route(B, tag="c")
 Traceback (most recent call last):
     ...
 ValueError: domain 'c' names no adapter of this mixture; choose from a, b (or send no domain)
 
-No torch here: numpy, a few ``dim × dim`` matrices (256 × 256 by default) per adapter.
+No torch here: numpy, one ``dim``-vector per adapter and a table of means.
 """
 
 from __future__ import annotations
@@ -61,24 +69,25 @@ _GOLDEN = 2654435761  # Knuth's multiplicative hash
 
 
 def prompt_features(tokens: Sequence[int], dim: int = 256) -> np.ndarray:
-    """``[dim + 1]``: the hashed unigram + bigram histogram of ``tokens``, L2-normalised,
-    then a constant 1 (the bias).
+    """``[dim]``: the hashed unigram + bigram histogram of ``tokens``, square-rooted (a
+    token repeated 9 times weighs 3), L2-normalised.
 
     >>> x = prompt_features([3, 3], dim=8)
-    >>> x.shape, float(x[-1]), round(float(np.linalg.norm(x[:-1])), 6)
-    ((9,), 1.0, 1.0)
+    >>> x.shape, round(float(np.linalg.norm(x)), 6)
+    ((8,), 1.0)
     """
-    h = np.zeros(dim + 1)
+    h = np.zeros(dim)
     ids = [int(t) for t in tokens]
     for t in ids:
         h[(t * _GOLDEN) % dim] += 1.0
     for a, b in itertools.pairwise(ids):
         h[((a * 1_000_003 + b + 1) * _GOLDEN) % dim] += 1.0
-    norm = np.linalg.norm(h[:dim])
-    if norm > 0:
-        h[:dim] /= norm
-    h[dim] = 1.0
-    return h
+    return _unit(np.sqrt(h))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
 
 
 class Router:
@@ -90,32 +99,31 @@ class Router:
         adapters: Sequence[str],
         mode: str = "tag",
         dim: int = 256,
-        explore: float = 0.1,
+        explore: float = 0.05,
         prior: float = 1.0,
-        decay: float = 1.0,
-        balance: float = 0.5,
-        balance_rate: float = 0.02,
+        home: float = 0.1,
+        warmup: int = 30,
+        rate: float = 0.1,
     ) -> None:
         adapters = list(adapters)
         if not adapters or len(set(adapters)) != len(adapters):
             raise ValueError(f"a router needs distinct adapter names, got {adapters}")
         if mode not in ROUTER_MODES:
             raise ValueError(f"router mode {mode!r}: choose from {', '.join(ROUTER_MODES)}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"router dim must be an int >= 1, got {dim!r}")
-        if not explore >= 0 or not 0 < decay <= 1:
-            raise ValueError(f"router explore must be >= 0 and decay in (0, 1]: {explore}, {decay}")
+        if not isinstance(dim, int) or dim < 1 or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"router dim and warmup must be ints >= 1, got {dim!r}, {warmup!r}")
+        if not (explore >= 0 and home >= 0 and 0 < rate <= 1):
+            raise ValueError(f"router explore, home must be >= 0, rate in (0, 1]: {rate!r}")
         self.adapters, self.mode, self.dim = adapters, mode, dim
-        if not balance >= 0 or not 0 < balance_rate <= 1:
-            raise ValueError(f"router balance must be >= 0, balance_rate in (0, 1]: {balance}")
-        self.explore, self.decay = float(explore), float(decay)
-        self.balance, self.balance_rate = float(balance), float(balance_rate)
-        self.share = {a: 1.0 / len(adapters) for a in adapters}  # recent share of requests
-        n = dim + 1
-        self._a_inv = {a: np.eye(n) for a in adapters}  # A_a⁻¹, [n, n]
-        self._b = {a: np.zeros(n) for a in adapters}  # b_a, [n]
-        for a in adapters:
-            self._b[a][dim] = prior  # θ₀ = prior · e_bias (A starts at I)
+        self.explore, self.prior, self.home = float(explore), float(prior), float(home)
+        self.warmup, self.rate = warmup, float(rate)
+        n = len(adapters)
+        self.centroids = np.zeros((0, dim))  # [c, dim], c <= n clusters (unit vectors)
+        self.center = np.zeros(dim)  # the mean feature of the warm-up prompts
+        self._seen: list[np.ndarray] = []  # the first `warmup` prompts' features
+        self.sizes = np.zeros(n, dtype=int)  # prompts per cluster
+        self.mean = np.zeros((n, n))  # [cluster, adapter] mean α
+        self.tries = np.zeros((n, n), dtype=int)  # [cluster, adapter] requests with feedback
         self.routed = dict.fromkeys(adapters, 0)  # requests sent to each adapter
         self.updates = 0
 
@@ -130,57 +138,81 @@ class Router:
     def features(self, tokens: Sequence[int]) -> np.ndarray:
         return prompt_features(tokens, self.dim)
 
-    def scores(self, x: np.ndarray) -> dict[str, tuple[float, float]]:
-        """Per adapter: (predicted α, exploration bonus) for feature ``x``."""
+    def cluster(self, x: np.ndarray) -> int:
+        """The nearest centroid (cosine) of feature ``x``, centred."""
+        return int(np.argmax(self.centroids @ _unit(x - self.center)))
+
+    def scores(self, j: int) -> dict[str, float]:
+        """Per adapter, its score in cluster ``j`` (the route takes the largest)."""
         out = {}
-        for a in self.adapters:
-            a_inv = self._a_inv[a]
-            mean = float(x @ (a_inv @ self._b[a]))
-            bonus = self.explore * float(np.sqrt(max(x @ a_inv @ x, 0.0)))
-            out[a] = (mean, bonus)
+        for i, a in enumerate(self.adapters):
+            n = self.tries[j, i]
+            est = self.mean[j, i] if n else self.prior
+            out[a] = est + self.explore / np.sqrt(1 + n) + (self.home if i == j else 0.0)
         return out
 
     def route(self, tokens: Sequence[int] | np.ndarray, tag: str | None = None) -> str:
         """The adapter for a prompt (token ids, or its :meth:`features`)."""
         self.check(tag)
+        x = self._x(tokens)
+        j = self._observe(x)
         if self.mode == "tag" and tag is not None:
             choice = tag
         else:
-            x = self._x(tokens)
-            scores = self.scores(x)
-            even = 1.0 / len(self.adapters)
-            choice = max(
-                self.adapters,
-                key=lambda a: sum(scores[a]) - self.balance * (self.share[a] - even),
-            )
+            scores = self.scores(j)
+            choice = max(self.adapters, key=scores.get)
         self.routed[choice] += 1
-        for a in self.adapters:  # exponential average of the routing decisions
-            self.share[a] += self.balance_rate * (float(a == choice) - self.share[a])
         return choice
 
     def update(self, tokens: Sequence[int] | np.ndarray, adapter: str, alpha: float) -> None:
         """Adapter ``adapter`` drafted a prompt and got acceptance rate ``alpha``."""
-        if adapter not in self._a_inv:
+        if adapter not in self.routed:
             raise ValueError(f"unknown adapter {adapter!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         x = self._x(tokens)
-        a_inv = self._a_inv[adapter] / self.decay  # (γA)⁻¹
-        ax = a_inv @ x
-        self._a_inv[adapter] = a_inv - np.outer(ax, ax) / (1.0 + x @ ax)  # Sherman–Morrison
-        self._b[adapter] = self.decay * self._b[adapter] + alpha * x
+        if not len(self.centroids):
+            self._observe(x)
+        j, i = self.cluster(x), self.adapters.index(adapter)
+        self.tries[j, i] += 1
+        step = max(1.0 / self.tries[j, i], self.rate)  # the mean, then an exponential average
+        self.mean[j, i] += step * (alpha - self.mean[j, i])
         self.updates += 1
 
+    def _observe(self, x: np.ndarray) -> int:
+        """Warm-up: k-means over the prompts so far; then move the nearest centroid
+        towards ``x`` (online k-means). Returns ``x``'s cluster."""
+        if len(self._seen) < self.warmup:
+            self._seen.append(x)
+            self.center = np.mean(self._seen, axis=0)
+            z = _unit(np.stack(self._seen) - self.center)  # [m, dim]
+            c = self.centroids
+            if len(c) < len(self.adapters):  # seed: first prompt, then the least like any
+                seeds = [0]
+                while len(seeds) < min(len(self.adapters), len(z)):
+                    seeds.append(int(np.argmin((z[seeds] @ z.T).max(0))))
+                c = z[seeds]
+            for _ in range(10):  # Lloyd's iterations from the current centroids
+                label = np.argmax(z @ c.T, axis=1)
+                c = np.stack(
+                    [
+                        _unit(z[label == j].mean(0)) if (label == j).any() else c[j]
+                        for j in range(len(c))
+                    ]
+                )
+            self.centroids = c
+            return self.cluster(x)
+        j = self.cluster(x)
+        self.sizes[j] += 1
+        z = _unit(x - self.center)
+        c = self.centroids[j] + max(1.0 / self.sizes[j], 0.02) * (z - self.centroids[j])
+        self.centroids[j] = _unit(c)
+        return j
+
     def _x(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        if isinstance(tokens, np.ndarray) and tokens.shape == (self.dim + 1,):
+        if isinstance(tokens, np.ndarray) and tokens.shape == (self.dim,):
             return tokens
         return self.features(tokens)
 
     def summary(self) -> dict:
-        share = {a: round(v, 3) for a, v in self.share.items()}
-        return {
-            "mode": self.mode,
-            "routed": dict(self.routed),
-            "share": share,
-            "updates": self.updates,
-        }
+        return {"mode": self.mode, "routed": dict(self.routed), "updates": self.updates}
