@@ -293,13 +293,24 @@ def main() -> None:
     if args.append and args.json.is_file():
         old = json.loads(args.json.read_text())
         doc["runs"] = {k: v for k, v in old["runs"].items() if k not in names}
-        doc["config"] = {**old["config"], "appended": {"variants": names, **config}}
+        for run in doc["runs"].values():  # tables written before `top` was reported
+            if "routing" in run and "top" not in run["routing"]:
+                table = run["routing"]["table"]
+                routes = [
+                    (d, a) for d, row in table.items() for a, n in row.items() for _ in range(n)
+                ]
+                run["routing"] = routing_table(routes, list(table))
+        appended = [*old["config"].get("appended", []), {**config, "variants": names}]
+        doc["config"] = {**old["config"], "appended": appended}
     for name in names:
         print(f"· {name} ({args.n} requests) …", flush=True)
         doc["runs"][name] = run_one(name, args)
         doc["verdict"] = verdict(doc["runs"])
         args.json.write_text(json.dumps(doc) + "\n")
         plot(doc, args.plot)
+    doc["verdict"] = verdict(doc["runs"])
+    args.json.write_text(json.dumps(doc) + "\n")
+    plot(doc, args.plot)
     print_summary(doc)
     print(f"wrote {args.json} and {args.plot}")
 
