@@ -6,7 +6,7 @@ version with a wrong shape or NaN is refused."""
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from _exactness import chi2_first_two, decode_all
 
 from osd.distill.collect import RecordCollector
 from osd.distill.config import DistillConfig
@@ -22,7 +22,6 @@ from osd.registry.gate import draft_acceptance
 from osd.registry.versions import Registry
 from osd.registry.weights import WeightValidationError
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
-from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.workloads.datasets import DOMAINS, load_domain
 
 HEAD_DRAFTERS = ["medusa", "koala-medusa", "eagle", "koala-eagle"]
@@ -52,22 +51,6 @@ def cases(zoo, data_dir):
     return out
 
 
-def _decode_all(dec, prompts, budget, sampling=None):
-    """All prompts in one batch (continuous: each released when done); per-state stats."""
-    samplings = [sampling(i) if sampling else None for i in range(len(prompts))]
-    states = dec.start_batch(prompts, [budget] * len(prompts), samplings)  # one prefill
-    stats = [DecodeStats() for _ in states]
-    live = list(range(len(states)))
-    while live:
-        dec.step_batch([states[i] for i in live], [stats[i] for i in live])
-        for i in live:
-            if states[i].finished:
-                dec.release(states[i])
-        live = [i for i in live if not states[i].finished]
-    assert dec.cache.used == 0
-    return states, stats
-
-
 def test_head_drafters_are_registered_and_trainable():
     assert set(HEAD_DRAFTERS) <= {n for n, s in DRAFTERS.items() if s.trainable}
 
@@ -84,7 +67,7 @@ def test_medusa_tree_grows_by_expected_length():
 def test_greedy_equals_hf_greedy_batched(zoo, cases, name):
     target, tok = zoo
     dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
-    states, stats = _decode_all(dec, [c[0] for c in cases], 16)
+    states, stats = decode_all(dec, [c[0] for c in cases], 16)
     for s, (_, ref) in zip(states, cases, strict=True):
         assert s.tokens[s.prompt_len :] == ref
     total = DecodeStats()
@@ -107,33 +90,7 @@ def test_one_token_prompt_and_depth_caps(zoo):
 def test_sampling_through_head_trees_is_exact(zoo, name):
     """First two sampled tokens (T = 1, top-k 8) vs the target's exact joint, chi-square."""
     target, tok = zoo
-    sp = SamplingParams(temperature=1.0, top_k=8)
-    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)
-        firsts = q1.nonzero().flatten().tolist()
-        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
-    joint = {
-        (x, y): float(q1[x] * q2[i, y])
-        for i, x in enumerate(firsts)
-        for y in q2[i].nonzero().flatten().tolist()
-    }
-    dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
-    n, counts, accepted = 1200, {}, 0
-    for lo in range(0, n, 300):
-        states, stats = _decode_all(
-            dec, [ids] * 300, 3, lambda i, lo=lo: SamplingParams(1.0, 8, seed=lo + i)
-        )
-        for s, st in zip(states, stats, strict=True):
-            key = tuple(s.tokens[s.prompt_len : s.prompt_len + 2])
-            counts[key] = counts.get(key, 0) + 1
-            accepted += st.accepted
-    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
-    assert set(counts) <= set(joint)
-    big = [k for k, p in joint.items() if p * n >= 5]
-    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    assert chi2_first_two(target, tok, build_drafter(name, target), batch=300) > 1e-3
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ a head version with a wrong shape or NaN is refused."""
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from _exactness import chi2_first_two, decode_all
 
 from osd.distill.collect import RecordCollector
 from osd.distill.config import DistillConfig
@@ -36,23 +36,6 @@ from osd.workloads.datasets import DOMAINS, load_domain
 @pytest.fixture(scope="module")
 def zoo():
     return load_model("zoo:target"), load_tokenizer("zoo:target")
-
-
-def _decode_all(dec, prompts, budget, sampling=None):
-    """All prompts in one batch (each released when done); per-state stats."""
-    states = [
-        dec.start(p, budget, sampling(i) if sampling else None) for i, p in enumerate(prompts)
-    ]
-    stats = [DecodeStats() for _ in states]
-    live = list(range(len(states)))
-    while live:
-        dec.step_batch([states[i] for i in live], [stats[i] for i in live])
-        for i in live:
-            if states[i].finished:
-                dec.release(states[i])
-        live = [i for i in live if not states[i].finished]
-    assert dec.cache.used == 0
-    return states, stats
 
 
 # ---- beams → prefix tree -----------------------------------------------------------------
@@ -142,7 +125,7 @@ def cases(zoo, data_dir):
 def test_greedy_equals_hf_greedy_batched(zoo, cases, options):
     target, tok = zoo
     dec = SpeculativeDecoder(target, build_drafter("recurrent", target, **options), tok)
-    states, stats = _decode_all(dec, [c[0] for c in cases], 16)
+    states, stats = decode_all(dec, [c[0] for c in cases], 16)
     for s, (_, ref) in zip(states, cases, strict=True):
         assert s.tokens[s.prompt_len :] == ref
     total = DecodeStats()
@@ -206,35 +189,8 @@ class _BeamsLabelledAsSampled(RecurrentDrafter):
 
 
 def _chi2_first_two(zoo, drafter, n=1200, batch=400):
-    """p-value of the first two sampled tokens (T = 1, top-k 8) against the target's joint."""
     target, tok = zoo
-    sp = SamplingParams(temperature=1.0, top_k=8)
-    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)
-        firsts = q1.nonzero().flatten().tolist()
-        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
-    joint = {
-        (x, y): float(q1[x] * q2[i, y])
-        for i, x in enumerate(firsts)
-        for y in q2[i].nonzero().flatten().tolist()
-    }
-    dec = SpeculativeDecoder(target, drafter, tok)
-    counts, accepted = {}, 0
-    for lo in range(0, n, batch):
-        states, stats = _decode_all(
-            dec, [ids] * batch, 3, lambda i, lo=lo: SamplingParams(1.0, 8, seed=lo + i)
-        )
-        for s, st in zip(states, stats, strict=True):
-            key = tuple(s.tokens[s.prompt_len : s.prompt_len + 2])
-            counts[key] = counts.get(key, 0) + 1
-            accepted += st.accepted
-    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
-    assert set(counts) <= set(joint)
-    big = [k for k, p in joint.items() if p * n >= 5]
-    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
-    return chisquare(obs, exp).pvalue
+    return chi2_first_two(target, tok, drafter, n, batch)
 
 
 @pytest.mark.slow

@@ -471,6 +471,26 @@ class SpeculativeDecoder:
             obs.on_release(state)
 
     # -- convenience -------------------------------------------------------------------
+    def decode_batch(
+        self,
+        prompts: Sequence[str | list[int]],
+        max_new_tokens: int,
+        samplings: Sequence[SamplingParams | None] | None = None,
+    ) -> tuple[list[DecodeState], list[DecodeStats]]:
+        """Decode ``prompts`` to the end as one batch (one batched prefill, then
+        :meth:`step_batch` over the sequences still running; each released as it
+        finishes). Returns the finished states and each one's stats."""
+        states = self.start_batch(prompts, [max_new_tokens] * len(prompts), samplings)
+        stats = [DecodeStats() for _ in states]
+        live = list(range(len(states)))
+        while live:
+            self.step_batch([states[i] for i in live], [stats[i] for i in live])
+            for i in live:
+                if states[i].finished:
+                    self.release(states[i])
+            live = [i for i in live if not states[i].finished]
+        return states, stats
+
     def generate(
         self,
         prompt: str | list[int],

@@ -1,0 +1,50 @@
+"""Helpers shared by the drafters' exactness tests (not a test module)."""
+
+from __future__ import annotations
+
+import torch
+from scipy.stats import chisquare
+
+from osd.specdec.engine import SpeculativeDecoder
+from osd.specdec.sampling import SamplingParams, warp_probs
+
+
+def decode_all(dec, prompts, budget, sampling=None):
+    """All prompts in one batch (one prefill; each released when done); per-state stats.
+    ``sampling(i)``: the i-th request's parameters (default greedy)."""
+    samplings = [sampling(i) for i in range(len(prompts))] if sampling else None
+    states, stats = dec.decode_batch(prompts, budget, samplings)
+    assert dec.cache.used == 0
+    return states, stats
+
+
+def chi2_first_two(target, tok, drafter, n=1200, batch=400):
+    """p-value of the first two sampled tokens (T = 1, top-k 8) through ``drafter``'s trees
+    against the target's exact joint; the trees must be accepted sometimes."""
+    sp = SamplingParams(temperature=1.0, top_k=8)
+    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)
+        firsts = q1.nonzero().flatten().tolist()
+        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
+    joint = {
+        (x, y): float(q1[x] * q2[i, y])
+        for i, x in enumerate(firsts)
+        for y in q2[i].nonzero().flatten().tolist()
+    }
+    dec = SpeculativeDecoder(target, drafter, tok)
+    counts, accepted = {}, 0
+    for lo in range(0, n, batch):
+        states, stats = decode_all(
+            dec, [ids] * batch, 3, lambda i, lo=lo: SamplingParams(1.0, 8, seed=lo + i)
+        )
+        for s, st in zip(states, stats, strict=True):
+            key = tuple(s.tokens[s.prompt_len : s.prompt_len + 2])
+            counts[key] = counts.get(key, 0) + 1
+            accepted += st.accepted
+    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
+    assert set(counts) <= set(joint)
+    big = [k for k, p in joint.items() if p * n >= 5]
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
+    return chisquare(obs, exp).pvalue
