@@ -243,7 +243,7 @@ def print_summary(doc: dict) -> None:
         "",
         "",
     )
-    con = Console()
+    con = Console(width=120)
     con.print(table)
     for name, r in runs.items():
         if "routing" in r:
