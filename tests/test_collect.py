@@ -18,10 +18,14 @@ def models(micro_zoo):
 
 
 @pytest.mark.parametrize("mode", [LogMode.ALL, LogMode.REJECTED])
-@pytest.mark.parametrize("tree", [None, (2, 2)])
+@pytest.mark.parametrize("tree", [None, (2, 2), "target_init"])
 def test_logged_topk_equals_target_forward(models, mode, tree):
     target, draft = models
-    dec = SpeculativeDecoder(target, DraftModelDrafter(draft, k=3, tree=tree))
+    if tree == "target_init":  # steps keep their last token for the next one's first level
+        drafter = DraftModelDrafter(draft, tree=(1, 2), target_init=True)
+    else:
+        drafter = DraftModelDrafter(draft, k=3, tree=tree)
+    dec = SpeculativeDecoder(target, drafter)
     dec.eos = set()
     collector = RecordCollector(LogConfig(mode=mode, k=8))
     dec.add_observer(collector)

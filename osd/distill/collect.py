@@ -14,6 +14,9 @@ Worked example — tokens before the step ``[7, 8, 9]`` (positions 0..2), accept
 ``[0, 2]``, emitted ``[a, c, r]``: positions 3, 4, 5 are predicted by rows 0, 1, 3;
 ``rejected`` mode logs only position 5 (row 3). With ``LogConfig(hidden=True)`` the
 verifier's last hidden state at the same rows is logged too (what head drafters train on).
+A target-initialised step that kept its last token undrawn (``step.extra["deferred"]``)
+emitted ``[a, c]`` only: ``rejected`` mode logs the kept token's position 5 (row 3) now —
+the next step emits it — and a record keeps only positions its tokens reach.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ class RecordCollector:
         rows = [0] + [i + 1 for i in step.accept.path]
         idx = list(range(len(step.emitted)))
         if self.config.mode == LogMode.REJECTED:
-            idx = idx[-1:] if len(step.emitted) == len(rows) else []
+            if step.extra.get("deferred"):  # the kept token: emitted by the next step
+                idx = [len(step.emitted)]
+            else:
+                idx = idx[-1:] if len(step.emitted) == len(rows) else []
         positions, logits, hidden = self._rows.setdefault(id(state), ([], [], []))
         for j in idx:
             positions.append(first + j)
@@ -73,6 +79,11 @@ class RecordCollector:
         trainer and the gate honour its temperature; and, for a mixture drafter, the adapter
         that drafted it (``meta["adapter"]``: the one the record trains)."""
         positions, logits, hidden = self._rows.pop(id(state), ([], [], []))
+        keep = [i for i, t in enumerate(positions) if t < len(state.tokens)]  # a kept token
+        if len(keep) < len(positions):  # never emitted (the request was dropped first)
+            positions = [positions[i] for i in keep]
+            logits = [logits[i] for i in keep]
+            hidden = [hidden[i] for i in keep] if hidden else hidden
         if not positions or not should_log(request_id, self.config.rate, self.config.seed):
             return None
         return build_record(
