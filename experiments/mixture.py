@@ -208,10 +208,30 @@ def verdict(runs: dict) -> dict:
         if name.startswith("mixture"):
             out[name] = run["alpha_online"] - base["alpha_online"]
     if out:
-        best = max(out, key=out.get)
+        out["ci95"] = {name: paired_ci(runs[name], base) for name in out}
+        best = max((k for k in out if k != "ci95"), key=out.get)
         out["best"] = best
         out["goal_met"] = out[best] >= GOAL
     return out
+
+
+def paired_ci(run: dict, base: dict, n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % interval of α(run) − α(base) over the last third, resampling the scored
+    requests in pairs (a greedy stream: both runs served the same requests, same output)."""
+    import numpy as np
+
+    def tail(r):
+        pr = np.array(r["per_request_online"], float)  # [n, 2] accepted, proposed
+        return pr[len(pr) - len(pr) // 3 :]
+
+    x, y = tail(run), tail(base)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        b = rng.integers(0, len(x), len(x))
+        diffs.append(x[b, 0].sum() / max(x[b, 1].sum(), 1) - y[b, 0].sum() / max(y[b, 1].sum(), 1))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def print_summary(doc: dict) -> None:
@@ -254,9 +274,10 @@ def print_summary(doc: dict) -> None:
             )
     v = doc.get("verdict", {})
     if "best" in v:
+        lo, hi = v["ci95"][v["best"]]
         con.print(
-            f"best mixture {v['best']}: {v[v['best']]:+.3f} vs shared — goal ≥ +{GOAL}: "
-            f"{'met' if v['goal_met'] else 'NOT met'}"
+            f"best mixture {v['best']}: {v[v['best']]:+.3f} [{lo:+.3f}, {hi:+.3f}] vs shared "
+            f"— goal ≥ +{GOAL}: {'met' if v['goal_met'] else 'NOT met'}"
         )
 
 

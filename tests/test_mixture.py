@@ -351,6 +351,7 @@ def test_mixture_experiment_figures_on_a_synthetic_run(tmp_path):
     assert mixed["alpha_frozen"] == pytest.approx(0.2)
     v = verdict({"shared": shared, "mixture-tag": mixed})
     assert v["mixture-tag"] == pytest.approx(0.1) and v["best"] == "mixture-tag" and v["goal_met"]
+    assert v["ci95"]["mixture-tag"] == pytest.approx([0.1, 0.1])  # every request +0.1
     routes = [("math", "a")] * 3 + [("math", "b")] + [("sql", "b")] * 4 + [("code", None)]
     r = routing_table(routes, domains)
     assert r["table"] == {"math": {"a": 3, "b": 1}, "sql": {"b": 4}, "code": {}}
