@@ -321,7 +321,9 @@ def main() -> None:
                     (d, a) for d, row in table.items() for a, n in row.items() for _ in range(n)
                 ]
                 run["routing"] = routing_table(routes, list(table))
-        appended = [*old["config"].get("appended", []), {**config, "variants": names}]
+        earlier = old["config"].get("appended", [])
+        earlier = [earlier] if isinstance(earlier, dict) else earlier
+        appended = [*earlier, {**config, "variants": names}]
         doc["config"] = {**old["config"], "appended": appended}
     for name in names:
         print(f"· {name} ({args.n} requests) …", flush=True)
