@@ -1,12 +1,16 @@
-"""Helpers shared by the drafters' exactness tests (not a test module)."""
+"""Helpers shared by the head drafters' tests: batched decoding, the chi-square of the
+first two sampled tokens, a short stream of records (not a test module)."""
 
 from __future__ import annotations
 
 import torch
 from scipy.stats import chisquare
 
+from osd.distill.collect import RecordCollector
+from osd.distill.record import LogConfig, LogMode
 from osd.specdec.engine import SpeculativeDecoder
 from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.workloads.datasets import DOMAINS, load_domain
 
 
 def decode_all(dec, prompts, budget, sampling=None):
@@ -48,3 +52,20 @@ def chi2_first_two(target, tok, drafter, n=1200, batch=400):
     obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
     exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
     return chisquare(obs, exp).pvalue
+
+
+def hidden_stream(target, tok, data_dir, drafter_id):
+    """Records of a short greedy stream: 3 train prompts a domain, all positions logged
+    with the target's hidden states."""
+    col = RecordCollector(LogConfig(mode=LogMode.ALL, k=16, hidden=True))
+    dec = SpeculativeDecoder(target, None, tok, observers=[col])
+    recs = []
+    for d in DOMAINS:
+        for i, q in enumerate(load_domain(d, "train", data_dir)[:3]):
+            ids = tok(q.prompt, add_special_tokens=False).input_ids[-40:]
+            st = dec.start(ids, 24)
+            while not st.finished:
+                dec.step(st)
+            dec.release(st)
+            recs.append(col.finish(st, f"{d}{i}", drafter_id, 0, d))
+    return [r for r in recs if r is not None]

@@ -6,13 +6,11 @@ version with a wrong shape or NaN is refused."""
 
 import pytest
 import torch
-from _exactness import chi2_first_two, decode_all
+from _exactness import chi2_first_two, decode_all, hidden_stream
 
-from osd.distill.collect import RecordCollector
 from osd.distill.config import DistillConfig
 from osd.distill.head_student import AdversarialObjective, head_student
 from osd.distill.heads_train import HeadTrainConfig, Sequence_, train_heads
-from osd.distill.record import LogConfig, LogMode
 from osd.drafters import DRAFTERS, build_drafter, build_student
 from osd.drafters.eagle import EagleDrafter
 from osd.drafters.heads import EagleHead, HeadConfig, MedusaHeads
@@ -106,20 +104,8 @@ def _fresh(target, kind, layers=1, adversarial=False):
 
 @pytest.fixture(scope="module")
 def stream(zoo, data_dir):
-    """Records of a short greedy stream (all positions, with hidden states)."""
     target, tok = zoo
-    col = RecordCollector(LogConfig(mode=LogMode.ALL, k=16, hidden=True))
-    dec = SpeculativeDecoder(target, None, tok, observers=[col])
-    recs = []
-    for d in DOMAINS:
-        for i, q in enumerate(load_domain(d, "train", data_dir)[:3]):
-            ids = tok(q.prompt, add_special_tokens=False).input_ids[-40:]
-            st = dec.start(ids, 24)
-            while not st.finished:
-                dec.step(st)
-            dec.release(st)
-            recs.append(col.finish(st, f"{d}{i}", "medusa", 0, d))
-    return [r for r in recs if r is not None]
+    return hidden_stream(target, tok, data_dir, "medusa")
 
 
 def _train_online(student, records, steps, config=None):

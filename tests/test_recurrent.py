@@ -7,13 +7,11 @@ a head version with a wrong shape or NaN is refused."""
 
 import pytest
 import torch
-from _exactness import chi2_first_two, decode_all
+from _exactness import chi2_first_two, decode_all, hidden_stream
 
-from osd.distill.collect import RecordCollector
 from osd.distill.config import DistillConfig
 from osd.distill.head_student import RecurrentStudent, head_student
 from osd.distill.heads_train import HeadTrainConfig, Sequence_, train_heads
-from osd.distill.record import LogConfig, LogMode
 from osd.drafters import DRAFTERS, build_drafter, build_student
 from osd.drafters.heads import HeadConfig
 from osd.drafters.recurrent import (
@@ -240,20 +238,8 @@ def test_offline_training_lowers_validation_loss_soft_and_hard(zoo, tmp_path):
 
 @pytest.fixture(scope="module")
 def stream(zoo, data_dir):
-    """Records of a short greedy stream (all positions, with hidden states)."""
     target, tok = zoo
-    col = RecordCollector(LogConfig(mode=LogMode.ALL, k=16, hidden=True))
-    dec = SpeculativeDecoder(target, None, tok, observers=[col])
-    recs = []
-    for d in DOMAINS:
-        for i, q in enumerate(load_domain(d, "train", data_dir)[:3]):
-            ids = tok(q.prompt, add_special_tokens=False).input_ids[-40:]
-            st = dec.start(ids, 24)
-            while not st.finished:
-                dec.step(st)
-            dec.release(st)
-            recs.append(col.finish(st, f"{d}{i}", "recurrent", 0, d))
-    return [r for r in recs if r is not None]
+    return hidden_stream(target, tok, data_dir, "recurrent")
 
 
 def test_online_student_lowers_loss_and_raises_acceptance(zoo, stream):
