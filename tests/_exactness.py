@@ -22,21 +22,29 @@ def decode_all(dec, prompts, budget, sampling=None):
     return states, stats
 
 
-def chi2_first_two(target, tok, drafter, n=1200, batch=400):
-    """p-value of the first two sampled tokens (T = 1, top-k 8) through ``drafter``'s trees
-    against the target's exact joint; the trees must be accepted sometimes."""
-    sp = SamplingParams(temperature=1.0, top_k=8)
-    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
+PROMPT = "Question: Tom has 3 apples"
+SAMPLING = SamplingParams(temperature=1.0, top_k=8)
+
+
+def first_two_joint(target, tok):
+    """The prompt's ids and the target's exact joint of its first two sampled tokens
+    (T = 1, top-k 8): ``{(x, y): q1(x) q2(y | x)}``."""
+    ids = tok(PROMPT, add_special_tokens=False).input_ids
     with torch.inference_mode():
-        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)
+        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], SAMPLING)
         firsts = q1.nonzero().flatten().tolist()
-        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
+        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], SAMPLING)
     joint = {
         (x, y): float(q1[x] * q2[i, y])
         for i, x in enumerate(firsts)
         for y in q2[i].nonzero().flatten().tolist()
     }
-    dec = SpeculativeDecoder(target, drafter, tok)
+    return ids, joint
+
+
+def first_two_counts(dec, ids, n, batch):
+    """Counts of the first two sampled tokens over ``n`` sequences (``batch`` at a time,
+    each with its own seed; 3 new tokens each) and the draft tokens accepted."""
     counts, accepted = {}, 0
     for lo in range(0, n, batch):
         states, stats = decode_all(
@@ -46,12 +54,26 @@ def chi2_first_two(target, tok, drafter, n=1200, batch=400):
             key = tuple(s.tokens[s.prompt_len : s.prompt_len + 2])
             counts[key] = counts.get(key, 0) + 1
             accepted += st.accepted
-    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
-    assert set(counts) <= set(joint)
+    return counts, accepted
+
+
+def chi2_pvalue(counts, joint, n):
+    """Chi-square p-value of ``counts`` (n draws) against ``joint``; cells with expected
+    count < 5 pooled with the rest. A pair the target gives probability 0 fails at once."""
+    assert set(counts) <= set(joint), "sampled a pair the target gives probability 0"
     big = [k for k, p in joint.items() if p * n >= 5]
     obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
     exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
     return chisquare(obs, exp).pvalue
+
+
+def chi2_first_two(target, tok, drafter, n=1200, batch=400):
+    """p-value of the first two sampled tokens through ``drafter``'s trees against the
+    target's exact joint; the trees must be accepted sometimes."""
+    ids, joint = first_two_joint(target, tok)
+    counts, accepted = first_two_counts(SpeculativeDecoder(target, drafter, tok), ids, n, batch)
+    assert accepted > 0, "the trees must be accepted sometimes for the test to mean anything"
+    return chi2_pvalue(counts, joint, n)
 
 
 def hidden_stream(target, tok, data_dir, drafter_id):

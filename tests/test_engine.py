@@ -4,13 +4,13 @@ distribution. Uses the shipped zoo."""
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from _exactness import chi2_pvalue, first_two_counts, first_two_joint
 
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.drafters.ngram import NgramDrafter, lookup
 from osd.models import load_model, load_tokenizer
 from osd.specdec.engine import SpeculativeDecoder
-from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.specdec.sampling import SamplingParams
 from osd.workloads.datasets import DOMAINS, load_domain
 
 MAX_NEW = 24
@@ -116,42 +116,13 @@ def test_eos_inside_an_accepted_draft_stops_like_target(zoo, data_dir):
 
 @pytest.mark.slow
 def test_sampling_end_to_end_matches_target_distribution(zoo):
-    """First two sampled tokens: spec decoding with a tree vs the exact target joint."""
+    """First two sampled tokens: spec decoding with a tree vs the exact target joint
+    (2000 sequences, 250 a batch; 3 new tokens: the (2, 2) tree is drafted in full)."""
     target, draft, tok = zoo
-    sp = SamplingParams(temperature=1.0, top_k=8)
-    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)  # [V]
-        firsts = q1.nonzero().flatten().tolist()
-        nxt = torch.tensor([[*ids, x] for x in firsts])
-        q2 = warp_probs(target(nxt).logits[:, -1], sp)  # [len(firsts), V]
-    joint = {
-        (x, y): float(q1[x] * q2[i, y])
-        for i, x in enumerate(firsts)
-        for y in q2[i].nonzero().flatten().tolist()
-    }
+    ids, joint = first_two_joint(target, tok)
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, tree=(2, 2)), tok)
-    n, chunk = 2000, 250
-    counts: dict = {}
-    for lo in range(0, n, chunk):  # batched: 250 sequences, each with its own seed
-        # 3 new tokens: the (2, 2) tree is drafted to its full depth
-        seeds = range(lo, lo + chunk)
-        states = dec.start_batch(
-            [ids] * chunk, [3] * chunk, [SamplingParams(1.0, 8, seed=s) for s in seeds]
-        )
-        live = states
-        while live:
-            dec.step_batch(live)
-            live = [s for s in live if not s.finished]
-        for state in states:
-            key = tuple(state.tokens[state.prompt_len :][:2])
-            counts[key] = counts.get(key, 0) + 1
-            dec.release(state)
-    assert set(counts) <= set(joint), "sampled a pair the target gives probability 0"
-    big = [k for k, p in joint.items() if p * n >= 5]
-    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-    exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    counts, _ = first_two_counts(dec, ids, 2000, 250)
+    assert chi2_pvalue(counts, joint, 2000) > 1e-3
 
 
 def test_bad_input_is_refused_clearly(zoo):

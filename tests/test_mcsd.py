@@ -7,13 +7,13 @@ the one acceptance would have drawn the token from."""
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from _exactness import chi2_pvalue, first_two_counts, first_two_joint
 
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.models import load_model, load_tokenizer
 from osd.specdec.accept import _inverse_cdf, accept_sampling, final_distribution
 from osd.specdec.engine import SpeculativeDecoder
-from osd.specdec.sampling import SamplingParams, warp_probs
+from osd.specdec.sampling import warp_probs
 from osd.specdec.tree import TokenTree
 from osd.workloads.datasets import DOMAINS, load_domain
 
@@ -96,25 +96,6 @@ def test_target_init_greedy_equals_target(zoo, opts):
     assert dec.cache.used == 0 and dec.drafter.cache.used == 0
 
 
-def _first_two(dec, ids, n, chunk=500):
-    counts: dict = {}
-    for lo in range(0, n, chunk):  # batched: each sequence with its own seed
-        states = dec.start_batch(
-            [ids] * chunk,
-            [3] * chunk,
-            [SamplingParams(1.0, 8, seed=s) for s in range(lo, lo + chunk)],
-        )
-        live = states
-        while live:
-            dec.step_batch(live)
-            live = [s for s in live if not s.finished]
-        for state in states:
-            key = tuple(state.tokens[state.prompt_len :][:2])
-            counts[key] = counts.get(key, 0) + 1
-            dec.release(state)
-    return counts
-
-
 @pytest.mark.slow
 def test_target_init_sampling_matches_target_distribution(zoo, monkeypatch):
     """First two sampled tokens (T = 1, top-k 8) with a target-initialised (2, 2, 2) tree vs
@@ -124,35 +105,21 @@ def test_target_init_sampling_matches_target_distribution(zoo, monkeypatch):
     target-initialised level. Negative control: acceptance reading the recomputed row
     instead of the kept residual fails."""
     target, draft, tok = zoo
-    sp = SamplingParams(temperature=1.0, top_k=8)
-    ids = tok("Question: Tom has 3 apples", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        q1 = warp_probs(target(torch.tensor([ids])).logits[0, -1], sp)  # [V]
-        firsts = q1.nonzero().flatten().tolist()
-        q2 = warp_probs(target(torch.tensor([[*ids, x] for x in firsts])).logits[:, -1], sp)
-    joint = {
-        (x, y): float(q1[x] * q2[i, y])
-        for i, x in enumerate(firsts)
-        for y in q2[i].nonzero().flatten().tolist()
-    }
+    ids, joint = first_two_joint(target, tok)
 
-    def pvalue(counts, n):
-        assert set(counts) <= set(joint), "sampled a pair the target gives probability 0"
-        big = [k for k, p in joint.items() if p * n >= 5]
-        obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
-        exp = [joint[k] * n for k in big] + [n * (1 - sum(joint[k] for k in big))]
-        return chisquare(obs, exp).pvalue
+    def pvalue(n):
+        return chi2_pvalue(first_two_counts(dec, ids, n, 500)[0], joint, n)
 
     dec = SpeculativeDecoder(
         target, DraftModelDrafter(draft, tree=(2, 2, 2), target_init=True), tok
     )
-    assert pvalue(_first_two(dec, ids, 1000), 1000) > 1e-3
+    assert pvalue(1000) > 1e-3
 
     def wrong(state, logits):  # forgets the kept residual: reads the recomputed row
         return warp_probs(logits, state.sampling)
 
     monkeypatch.setattr(SpeculativeDecoder, "_target_probs", staticmethod(wrong))
-    assert pvalue(_first_two(dec, ids, 500), 500) < 1e-3
+    assert pvalue(500) < 1e-3
 
 
 def test_final_distribution_worked_example():
