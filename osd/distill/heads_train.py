@@ -84,13 +84,8 @@ def self_distill(target, tok, cfg: HeadTrainConfig, data_dir=None, progress=None
     dec = SpeculativeDecoder(target, None, tok)
     seqs = []
     for lo in range(0, len(prompts), cfg.batch):
-        states = [dec.start(p, cfg.max_new_tokens) for p in prompts[lo : lo + cfg.batch]]
-        live = list(states)
-        while live:
-            dec.step_batch(live)
-            live = [s for s in live if not s.finished]
+        states, _ = dec.decode_batch(prompts[lo : lo + cfg.batch], cfg.max_new_tokens)
         for s in states:
-            dec.release(s)
             ids = torch.tensor(s.tokens)
             feats = target.model(input_ids=ids[None]).last_hidden_state[0]
             seqs.append(Sequence_(ids, feats.float().clone(), s.prompt_len))
