@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from osd.distill.config import DistillConfig
+from osd.distill.config import DecisionDistillConfig, DistillConfig
 
 __all__ = [
     "REGISTRY_ACTOR",
@@ -242,6 +242,8 @@ class TrainerConfig:
     threads: int = 1
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per actor
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # the drafter's early-stop decision model, when it has one (serve.drafter_options)
+    decision: DecisionDistillConfig = field(default_factory=DecisionDistillConfig)
 
     def validate(self) -> None:
         _need(_int(self.count, 0), "trainer.count must be an int >= 0")
@@ -250,6 +252,7 @@ class TrainerConfig:
         _need(_num(self.num_gpus) and self.num_gpus >= 0, "trainer.num_gpus must be >= 0")
         _need(_int(self.threads, 1), "trainer.threads must be an int >= 1")
         _need(isinstance(self.distill, DistillConfig), "trainer.distill must be a mapping")
+        _need(isinstance(self.decision, DistillConfig), "trainer.decision must be a mapping")
 
 
 _SECTIONS = {
@@ -258,7 +261,10 @@ _SECTIONS = {
     "serve": ServeConfig,
     "trainer": TrainerConfig,
 }
-_NESTED = {(TrainerConfig, "distill"): DistillConfig}  # sub-sections, parsed the same way
+_NESTED = {  # sub-sections, parsed the same way
+    (TrainerConfig, "distill"): DistillConfig,
+    (TrainerConfig, "decision"): DecisionDistillConfig,
+}
 
 
 def _section(cls: type, value: Any, where: str) -> Any:

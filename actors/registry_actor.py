@@ -24,7 +24,11 @@ it serves worse than its predecessor. Gate decisions and adoptions go into the r
 persisted history, so a restarted actor reports them.
 
 A drafter with nothing to train (``ngram``, ``none``) has no versions: the actor then holds
-an empty registry, reports live version 0 and refuses publishes.
+an empty registry, reports live version 0 and refuses publishes. A drafter with an early-stop
+decision model (``serve.drafter_options.early_stop``) served with trainers has a second
+versioned id, ``<drafter_id>-stop`` (:mod:`osd.distill.decision`): published by the
+trainers, gated on the same held-out records (the likelihood of their stop labels) and
+followed by the replicas like the drafter's weights.
 
 Runs threaded (``max_concurrency``): polls are answered while a gate evaluates; publishes
 are serialised by a lock.
@@ -33,6 +37,7 @@ are serialised by a lock.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -45,6 +50,7 @@ from osd.actors.record_sink import holdout_stream
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
+from osd.distill.decision import DecisionStudent, decision_id
 from osd.distill.record import RecordError, decode
 from osd.drafters import build_drafter, build_student, drafter_spec
 from osd.models import load_model
@@ -85,8 +91,10 @@ class RegistryActor:
             store = DiskStore(cfg.registry.store)
         self.registry = Registry(store)
         self.drafter_id = cfg.drafter_id
-        # the drafter's student (by name) is what the gate scores and the registry versions
+        # the drafter's student (by name) is what the gate scores and the registry versions;
+        # beside it, its early-stop decision model's, when trainers learn one (draft-stop)
         self.promoter: Promoter | None = None
+        self.promoters: dict[str, Promoter] = {}
         if drafter_spec(cfg.drafter).trainable:
             spec = drafter_spec(cfg.drafter)  # head drafters read the target's states
             drafter = build_drafter(
@@ -105,6 +113,16 @@ class RegistryActor:
                 if cfg.registry.watch_margin is None
                 else PostSwapWatch(cfg.registry.watch_margin, cfg.registry.watch_min_tokens),
             )
+            self.promoters[cfg.drafter_id] = self.promoter
+            if drafter.stop is not None and cfg.trainer.count > 0:
+                did = decision_id(cfg.drafter_id)
+                self.promoters[did] = Promoter(
+                    self.registry,
+                    did,
+                    DecisionStudent(copy.deepcopy(drafter.stop.net), self.promoter.base.vocab_size),
+                    PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
+                    provenance={"source": "prior", "role": "initial decision model"},
+                )
         self.holdout_buffer = RedisStreamBuffer(
             self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
         )
@@ -143,14 +161,16 @@ class RegistryActor:
     def maintain(self) -> dict[str, Any] | None:
         """One round: notice an emptied / replaced store, feed and check the watch."""
         promoter = self._promoter(self.drafter_id)
-        if promoter.sync() != "ok":
-            with self._lock:
-                self._serving_cache.clear()
+        for each in self.promoters.values():
+            if each.sync() != "ok":
+                with self._lock:
+                    self._serving_cache.clear()
         if self._publish_lock.acquire(blocking=False):  # not during a gate evaluation
             try:
                 self._refresh_holdout(self.drafter_id)
                 keep = self.cfg.registry.keep_versions
-                if keep is not None and len(self.registry.versions(self.drafter_id)) > keep:
+                counts = [len(self.registry.versions(i)) for i in self.promoters]
+                if keep is not None and max(counts) > keep:
                     self.registry.gc(keep)  # bounded store: the newest `keep` + protected
             finally:
                 self._publish_lock.release()
@@ -183,7 +203,7 @@ class RegistryActor:
     def serving_weights(self, drafter_id: str, version: int) -> tuple[bytes, str]:
         """Full weights of ``version`` (this epoch) as safetensors bytes and their sha256."""
         promoter = self._promoter(drafter_id)
-        key = (self.registry.epoch(drafter_id), version)
+        key = (drafter_id, self.registry.epoch(drafter_id), version)
         with self._lock:
             hit = self._serving_cache.get(key)
         if hit is not None:
@@ -194,7 +214,7 @@ class RegistryActor:
             self._serving_cache = {
                 k: d
                 for k, d in self._serving_cache.items()
-                if k[0] == key[0] and k[1] > version - 3
+                if k[0] != drafter_id or (k[1] == key[1] and k[2] > version - 3)
             }
             self._serving_cache[key] = out
         return out
@@ -251,7 +271,7 @@ class RegistryActor:
         """Validate, store, gate and promote or reject one candidate; returns the decision."""
         promoter = self._promoter(drafter_id)
         with self._publish_lock:
-            self._refresh_holdout(drafter_id)
+            self._refresh_holdout(self.drafter_id)  # the drafter's records gate both models
             outcome = promoter.submit(
                 data, kind, provenance, list(self.holdout), lora=lora, checksum=digest
             )
@@ -262,11 +282,11 @@ class RegistryActor:
         return out
 
     def _promoter(self, drafter_id: str) -> Promoter:
-        if drafter_id != self.drafter_id:
+        if drafter_id != self.drafter_id and drafter_id not in self.promoters:
             raise ValueError(f"this registry serves {self.drafter_id!r}, not {drafter_id!r}")
         if self.promoter is None:
             raise ValueError(f"drafter {self.cfg.drafter!r} has no weights to version")
-        return self.promoter
+        return self.promoters[drafter_id]
 
     def _refresh_holdout(self, drafter_id: str) -> None:
         """Pull new held-out records (the gate's consumer group) into the recent window."""
@@ -346,8 +366,20 @@ class RegistryActor:
             "versions": self.versions(self.drafter_id),
             "decisions": decisions,
             "adoptions": adoptions,
+            "decision_model": self._decision_report(),
             "holdout_records": len(self.holdout),
             "holdout_stream_length": holdout_len,
+        }
+
+    def _decision_report(self) -> dict[str, Any] | None:
+        """The early-stop decision model's versions and live one (``None``: none)."""
+        did = decision_id(self.drafter_id)
+        if did not in self.promoters:
+            return None
+        return {
+            "drafter_id": did,
+            "live_version": self.registry.live_version(did),
+            "versions": self.versions(did),
         }
 
     def ping(self) -> bool:

@@ -58,6 +58,7 @@ from osd.actors.record_sink import KeyQuota, RecordSink
 from ray import serve
 
 from osd.distill.collect import RecordCollector
+from osd.distill.decision import decision_id
 from osd.distill.record import DistillRecord, LogConfig
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
@@ -160,6 +161,13 @@ class OSDServer:
         ).start()
         self._stop = threading.Event()
         self.follower = VersionFollower(self.loop, self.reference, cfg.drafter_id)
+        self.stop_follower: VersionFollower | None = None
+        stop = decoder.drafter.stop
+        if stop is not None and cfg.trainer.count > 0:  # trainers learn it: serve its versions
+            stop.learn = False
+            self.stop_follower = VersionFollower(
+                self.loop.part("stop"), spec_of(stop.state_dict()), decision_id(cfg.drafter_id)
+            )
         log.info(
             "replica %s up on %s (context %d, drafter %s %s, max batch %d)",
             self.replica,
@@ -184,14 +192,31 @@ class OSDServer:
         """Follow the registry's live version by its ref (epoch, version, checksum): fetch,
         verify and offer new weights; upload ours when the registry lost them
         (:class:`~osd.serving.follow.VersionFollower`)."""
+        backoff = self.cfg.registry.poll_s
+        followers = [
+            (f, self._registry_calls(f.what))
+            for f in (self.follower, self.stop_follower)
+            if f is not None
+        ]
+        while not self._stop.wait(backoff):
+            try:
+                for follower, (poll, fetch, upload) in followers:
+                    follower.step(poll, fetch, upload)
+                backoff = self.cfg.registry.poll_s
+            except Exception as err:  # registry restarting, network: keep serving, retry
+                log.warning("version poll failed (%s); serving v%d", err, self.loop.version)
+                backoff = min(max(2 * backoff, 0.5), 10.0)
+
+    def _registry_calls(self, did: str):
+        """The follower's three registry calls for the versioned id ``did``."""
         import ray
 
-        did, backoff = self.cfg.drafter_id, self.cfg.registry.poll_s
         reg = self.registry
 
         def poll(serving):
             answer = ray.get(reg.poll.remote(did, serving), timeout=30)
-            self.metrics.observe_registry(answer)
+            if did == self.cfg.drafter_id:
+                self.metrics.observe_registry(answer)
             return answer
 
         def fetch(version):
@@ -200,15 +225,13 @@ class OSDServer:
         def upload(data, served):
             return ray.get(reg.recover.remote(did, data, served, self.replica), timeout=120)
 
-        while not self._stop.wait(backoff):
-            try:
-                self.follower.step(poll, fetch, upload)
-                backoff = self.cfg.registry.poll_s
-            except Exception as err:  # registry restarting, network: keep serving, retry
-                log.warning("version poll failed (%s); serving v%d", err, self.loop.version)
-                backoff = min(max(2 * backoff, 0.5), 10.0)
+        return poll, fetch, upload
 
     def _on_swap(self, event: SwapEvent) -> None:
+        if event.part == "stop":  # the decision model: no adoption report, no swap metric
+            if self.stop_follower is not None:
+                self.stop_follower.on_swap(event)
+            return
         self.metrics.observe_swap(event)
         ref = self.follower.on_swap(event)
         self.registry.report_adoption.remote(
@@ -287,9 +310,17 @@ class OSDServer:
             "records_quota_dropped": dict(self.quota.dropped),
             "serving": self.follower.serving,  # the registry ref: (epoch, version, checksum)
             "swaps": [
-                {"version": s.version, "pause_ms": 1e3 * s.pause_s, "in_flight": s.in_flight}
+                {
+                    "version": s.version,
+                    "pause_ms": 1e3 * s.pause_s,
+                    "in_flight": s.in_flight,
+                    "part": s.part,
+                }
                 for s in self.loop.swaps
             ],
+            "decision_model": None
+            if self.stop_follower is None
+            else {"version": self.loop.part("stop").version, "serving": self.stop_follower.serving},
         }
 
     def _deny(self, request: Request, metrics: bool = False) -> JSONResponse | None:

@@ -29,6 +29,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
+from osd.distill.decision import DecisionStudent, decision_id
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -87,21 +88,47 @@ class TrainerActor:
         if adapter is not None:
             student.load_adapter(*adapter)
         self.resumed_from = version
+        self.stop_distiller = self._decision_distiller(drafter, student.vocab_size)
         self.publishing = True
         self.decisions: list[dict[str, Any]] = []
+        self.stop_decisions: list[dict[str, Any]] = []  # the decision model's publishes
         self.errors = 0
         self._run = threading.Event()
         self._run.set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-train", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(d,), name=f"{name}-{tag}", daemon=True)
+            for d, tag in ((self.distiller, "train"), (self.stop_distiller, "stop"))
+            if d is not None
+        ]
+        for t in self._threads:
+            t.start()
         log.info("%s up on %s, resumed from v%d (%s)", name, device, version, kind)
 
-    # -- training thread -----------------------------------------------------------------
-    def _loop(self) -> None:
+    def _decision_distiller(self, drafter, vocab: int) -> OnlineDistiller | None:
+        """The drafter's early-stop decision model, trained from the fields of the same
+        records through a consumer group of its own (``decision``), resumed from its live
+        version; ``None`` when the drafter has none."""
+        import ray
+
+        if drafter.stop is None:
+            return None
+        did = decision_id(self.drafter_id)
+        student = DecisionStudent(drafter.stop.net, vocab)
+        live = ray.get(self.registry.raw_weights.remote(did))
+        student.load_weights(weights_from_bytes(live["data"]))
+        return OnlineDistiller(
+            student,
+            self.buffer.for_group("decision"),
+            did,
+            self.cfg.trainer.decision,
+            stream=self.drafter_id,
+        )
+
+    # -- training threads (the drafter's; its decision model's) ----------------------------
+    def _loop(self, d: OnlineDistiller) -> None:
         import redis
 
-        d = self.distiller
         while not self._stop.is_set():
             if not self._run.wait(0.2):
                 continue
@@ -138,10 +165,13 @@ class TrainerActor:
         lora = None if snap.lora is None else snap.lora.to_dict()
         decision = ray.get(
             self.registry.publish.remote(
-                self.drafter_id, data, snap.kind, provenance, checksum(data), lora
+                d.drafter_id, data, snap.kind, provenance, checksum(data), lora
             )
         )
-        self.decisions.append(decision)
+        if d is self.distiller:
+            self.decisions.append(decision)
+        else:
+            self.stop_decisions.append(decision)
 
     # -- controls ------------------------------------------------------------------------
     def pause(self) -> None:
@@ -164,7 +194,8 @@ class TrainerActor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10.0)
+        for t in self._threads:
+            t.join(10.0)
 
     def stats(self) -> dict[str, Any]:
         d = self.distiller
@@ -182,6 +213,13 @@ class TrainerActor:
             "resumed_from": self.resumed_from,
             "errors": self.errors,
             "redis_outages": self.outage.count,
+            "decision_model": None
+            if self.stop_distiller is None
+            else {
+                "steps": self.stop_distiller.steps,
+                "publishes": len(self.stop_decisions),
+                "promoted": sum(x["promoted"] for x in self.stop_decisions),
+            },
         }
 
     def ping(self) -> bool:

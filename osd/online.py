@@ -12,6 +12,13 @@ target pass; promoted weights are loaded into the serving drafter between reques
 
 The **frozen** draft is measured on the same stream by replaying its greedy acceptance
 against the served output (``osd.specdec.replay``: exact, and no target pass).
+
+With ``drafter_options={"early_stop": THRESHOLD}`` (an autoregressive drafter) the early-stop
+decision model goes through the same flow beside the drafter: the records carry its
+features and labels, a second distiller (:class:`~osd.distill.decision.DecisionStudent`)
+reads the drafter's stream through a consumer group of its own, and its versions are
+published as ``draft-stop``, gated on the held-out labels' likelihood and loaded into the
+serving drafter's decision model, which then serves the promoted versions only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from osd.distill.collect import RecordCollector
-from osd.distill.config import DistillConfig
+from osd.distill.config import DecisionDistillConfig, DistillConfig
+from osd.distill.decision import DecisionStudent, decision_id
 from osd.distill.record import LogConfig, LogMode, encode
 from osd.distill.record import full_vocab_bytes_per_position as full_bytes
 from osd.distill.student import Student
@@ -46,6 +54,7 @@ DRAFTER_ID = "draft"
 # A replay publishes on trainer steps only (``publish_every_steps``), never on wall time, so
 # the same stream gives the same versions on a fast or a slow machine.
 REPLAY_DISTILL = DistillConfig(publish_every_s=None)
+DECISION_DISTILL = DecisionDistillConfig(publish_every_s=None)  # the decision model's
 
 
 @dataclass
@@ -62,6 +71,7 @@ class OnlineConfig:
     max_new_tokens: int = 48
     prompt_tokens: int = 128  # prompts are cut to their last N tokens
     distill: DistillConfig = REPLAY_DISTILL
+    decision: DecisionDistillConfig = DECISION_DISTILL  # the early-stop model's, if any
     log_mode: str = "all"
     topk: int = 16
     log_rate: float = 1.0  # fraction of requests logged (by request id, as replicas do)
@@ -91,6 +101,7 @@ class OnlineResult:
     config: OnlineConfig
     requests: list[RequestLog] = field(default_factory=list)
     versions: list[dict] = field(default_factory=list)
+    decision_versions: list[dict] = field(default_factory=list)  # the early-stop model's
     bytes_per_position: float = 0.0
     full_vocab_bytes_per_position: int = 0
     trainer_steps: int = 0
@@ -132,6 +143,7 @@ class OnlineResult:
             "loss": self.config.distill.loss,
             "lora": self.config.distill.lora,
             "versions": self.versions,
+            "decision_versions": self.decision_versions,
             "trainer_steps": self.trainer_steps,
             "config": asdict(self.config),
         }
@@ -176,6 +188,9 @@ def run_online(
         PromotionGate(margin=cfg.gate_margin),
         provenance={"source": "zoo", "role": "initial draft"},
     )
+    stops = None
+    if serving.stop is not None:
+        stops = _DecisionLoop(serving, buffer, promoter.registry, cfg, target)
     holdout: deque = deque(maxlen=cfg.holdout_size)
     record_bytes, record_positions = 0, 0
 
@@ -218,6 +233,8 @@ def run_online(
             if trainer.should_publish():
                 _publish(promoter, trainer, serving, list(holdout), result)
                 trainer.mark_published()
+        if stops is not None:
+            stops.train(cfg.steps_per_request, list(holdout), result)
         result.trainer_steps = trainer.steps
         result.bytes_per_position = record_bytes / max(record_positions, 1)
         if progress is not None:
@@ -251,6 +268,51 @@ def _drafter(cfg: OnlineConfig, target, draft) -> Drafter:
 def _student(cfg: OnlineConfig, target, draft) -> Student:
     """A student of ``cfg.drafter`` on its own copy of ``draft``."""
     return build_student(cfg.drafter, _drafter(cfg, target, copy.deepcopy(draft)))
+
+
+class _DecisionLoop:
+    """The early-stop decision model's own distil → gate → hot-swap (module docstring)."""
+
+    def __init__(self, serving: Drafter, buffer, registry: Registry, cfg: OnlineConfig, target):
+        vocab = int(target.config.vocab_size)
+        self.serving = serving.stop
+        self.serving.learn = False  # it serves the registry's versions only
+        self.trainer = OnlineDistiller(
+            DecisionStudent(copy.deepcopy(self.serving.net), vocab),
+            buffer.for_group("decision"),
+            decision_id(DRAFTER_ID),
+            cfg.decision,
+            stream=DRAFTER_ID,
+        )
+        self.promoter = Promoter(
+            registry,
+            decision_id(DRAFTER_ID),
+            DecisionStudent(copy.deepcopy(self.serving.net), vocab),
+            PromotionGate(margin=0.0),
+            provenance={"source": "prior", "role": "initial decision model"},
+        )
+
+    def train(self, steps: int, holdout: list, result: OnlineResult) -> None:
+        for _ in range(steps):
+            if self.trainer.step() is None:
+                return
+            if not self.trainer.should_publish():
+                continue
+            snap = self.trainer.student.export()
+            prov = self.trainer.provenance("in-process")
+            out = self.promoter.submit(snap.weights, snap.kind, prov, holdout)
+            self.trainer.mark_published()
+            if out.promoted:
+                self.serving.load_state_dict(self.promoter.weights(out.version), out.version)
+            result.decision_versions.append(
+                {
+                    "version": out.version,
+                    "promoted": out.promoted,
+                    "candidate": out.candidate,
+                    "live": out.live,
+                    "at_request": len(result.requests),
+                }
+            )
 
 
 def _publish(

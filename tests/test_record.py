@@ -95,19 +95,43 @@ def test_round_trip(hidden):
 def test_sampling_parameters_travel_and_v1_records_still_decode():
     rec = make_record()
     doc = doc_of(rec)
-    assert doc["v"] == 2 and doc["sampling"] == [0.7, 40, 0.9]
+    assert doc["v"] == 3 and doc["sampling"] == [0.7, 40, 0.9]
     plain = replace(rec, temperature=0.0, top_k=0, top_p=1.0)
     assert len(encode(plain)) == len(encode(rec)) - 16  # greedy: 3 bytes, not 2 doubles
     greedy = decode(encode(plain))
     assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, 0, 1.0)
     assert isinstance(greedy.temperature, float) and isinstance(greedy.top_p, float)
-    v1 = {k: v for k, v in doc.items() if k != "sampling"}
+    v2 = {k: v for k, v in doc.items() if not k.startswith("stop_")}
+    assert decode(pack({**v2, "v": 2}), vocab_size=V).stop_labels is None  # before v3
+    v1 = {k: v for k, v in v2.items() if k != "sampling"}
     old = decode(pack({**v1, "v": 1}), vocab_size=V)  # written before v2: T = 1, no warps
     assert (old.temperature, old.top_k, old.top_p) == (1.0, 0, 1.0)
     assert np.array_equal(old.topk_ids, rec.topk_ids)
     with pytest.raises(RecordError, match="temperature must be"):
         build_record("r", [1, 2], 1, [1], torch.zeros(1, 4), drafter_id="d", version=0,
                      temperature=-1.0)  # fmt: skip
+
+
+def test_stop_fields_travel_and_are_validated():
+    rec = make_record()
+    x = np.array([[0.9, 0.5, 0.1, 0.125], [0.4, 0.1, 0.6, 0.25]], np.float16)
+    with_stop = replace(rec, stop_features=x, stop_labels=np.array([1, 0], np.int32))
+    back = decode(encode(with_stop), vocab_size=V)
+    assert np.array_equal(back.stop_features, x) and back.stop_labels.tolist() == [1, 0]
+    assert decode(encode(rec)).stop_features is None
+    bad = [
+        (dict(stop_features=x, stop_labels=None), "come together"),
+        (dict(stop_features=x, stop_labels=np.array([1, 2], np.int32)), "0 or 1"),
+        (dict(stop_features=x[:, :3], stop_labels=np.array([1, 0], np.int32)), r"\[n, 4\]"),
+        (dict(stop_features=x * np.float16("nan"), stop_labels=np.array([1, 0])), "NaN"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(RecordError, match=message):
+            encode(replace(rec, **{**fields, "stop_labels": _i32(fields["stop_labels"])}))
+
+
+def _i32(a):
+    return None if a is None else np.asarray(a, np.int32)
 
 
 def test_ids_travel_as_uint16_when_they_fit_else_int32():
@@ -192,7 +216,15 @@ BAD = {
     "trailing": (lambda: GOOD + b"\x00", "not a valid msgpack record"),
     "random": (lambda: np.random.default_rng(0).bytes(300), "record"),
     "not a map": (lambda: pack([1, 2, 3]), "must be a msgpack map"),
-    "wrong version": (lambda: corrupt(v=3), "version 3 is not supported"),
+    "wrong version": (lambda: corrupt(v=4), "version 4 is not supported"),
+    "v2 with stop fields": (
+        lambda: corrupt(v=2, stop_labels=None),
+        "do not match v2: missing [], unexpected ['stop_labels']",
+    ),
+    "half the stop fields": (
+        lambda: corrupt(stop_labels={"dtype": "uint16", "shape": [1], "data": b"\x01\x00"}),
+        "come together",
+    ),
     "v1 with sampling": (lambda: corrupt(v=1), "do not match v1: missing [], unexpected"),
     "no sampling": (lambda: corrupt_without("sampling"), "missing ['sampling']"),
     "sampling not a list": (lambda: corrupt(sampling=0.7), "sampling must be [temperature"),

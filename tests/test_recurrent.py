@@ -67,11 +67,11 @@ def test_beam_search_is_batched_and_best_first(zoo):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 288, generator=g)
     root = torch.tensor([5, 17, 300])
-    levels, score = beam_search(d.head, d.embed, d.lm_head, h, root, d.shape)
+    levels, score, _ = beam_search(d.head, d.embed, d.lm_head, h, root, d.shape)
     beams = levels[-1]
     assert [lv.shape for lv in levels] == [(3, 5, t) for t in range(1, 6)]
     assert bool((score[:, :-1] >= score[:, 1:]).all())
-    one, _ = beam_search(d.head, d.embed, d.lm_head, h[1:2], root[1:2], d.shape)
+    one, _, _ = beam_search(d.head, d.embed, d.lm_head, h[1:2], root[1:2], d.shape)
     assert torch.equal(one[-1][0], beams[1])  # batching does not change a sequence's beams
     # the best beam's score is its log-probability under the head, step by step
     with torch.no_grad():

@@ -116,6 +116,13 @@ class MemoryBuffer:
             self.streams, self.stream_prefix, self.maxlen, self.group, consumer=consumer
         )
 
+    def for_group(self, group: str) -> MemoryBuffer:
+        """The same streams read by another consumer group (every group gets every entry:
+        a decision-model trainer reads the drafter's records beside its trainer)."""
+        return MemoryBuffer(
+            self.streams, self.stream_prefix, self.maxlen, group, consumer=self.consumer
+        )
+
     def key(self, drafter_id: str) -> str:
         return self.stream_prefix + drafter_id
 

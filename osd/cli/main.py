@@ -507,6 +507,13 @@ def online(
     ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
+    early_stop: Annotated[
+        float | None,
+        typer.Option(
+            help="Early-stop threshold (draft_model, eagle, recurrent): the decision model is "
+            "trained from the stream, gated and hot-swapped as 'draft-stop'."
+        ),
+    ] = None,
     log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
     seed: Annotated[int, typer.Option(help="Schedule seed.")] = 0,
     redis_url: Annotated[
@@ -537,6 +544,7 @@ def online(
     try:
         cfg = OnlineConfig(
             drafter=drafter,
+            drafter_options={} if early_stop is None else {"early_stop": early_stop},
             schedule=schedule,
             n=n,
             seed=seed,
@@ -610,6 +618,13 @@ def online(
         f"{rep['bytes_per_position']:.1f} bytes per logged position "
         f"({100 * rep['bytes_ratio']:.2f}% of full-vocab fp16)"
     )
+    if rep["decision_versions"]:
+        dv = rep["decision_versions"]
+        wasted = sum(r.proposed_online - r.accepted_online for r in result.requests)
+        console.print(
+            f"decision model: {len(dv)} versions published, "
+            f"{sum(v['promoted'] for v in dv)} promoted; {wasted} wasted draft tokens"
+        )
     if json_out:
         json_out.write_text(json.dumps(rep, indent=2) + "\n")
         console.print(f"wrote {json_out}")

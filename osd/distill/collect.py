@@ -17,6 +17,10 @@ verifier's last hidden state at the same rows is logged too (what head drafters 
 A target-initialised step that kept its last token undrawn (``step.extra["deferred"]``)
 emitted ``[a, c]`` only: ``rejected`` mode logs the kept token's position 5 (row 3) now —
 the next step emits it — and a record keeps only positions its tokens reach.
+A drafter with an early-stop decision model leaves the features of the positions it drafted
+in ``DecodeState.stop_feats``; the collector logs them with their verification labels
+(:func:`osd.specdec.decision.stop_labels`) as ``stop_features`` / ``stop_labels``, what the
+decision model's trainer learns from (every step's, whatever the log mode).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from osd.distill.record import DistillRecord, LogConfig, LogMode, build_record, should_log
 from osd.drafters.base import DecodeState, StepResult
+from osd.specdec.decision import stop_labels
 
 
 class RecordCollector:
@@ -34,6 +39,8 @@ class RecordCollector:
         self.config = config or LogConfig()
         # per sequence: logged positions, logits rows [V], hidden rows [H] (if configured)
         self._rows: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+        # per sequence: decision-model features [n, 4] and labels of each step
+        self._stop: dict[int, tuple[list[torch.Tensor], list[float]]] = {}
 
     wants_logits = True  # the verifier's logits rows are what a record logs
 
@@ -45,6 +52,11 @@ class RecordCollector:
         """Nothing: rows stay until :meth:`finish` or :meth:`discard`."""
 
     def on_step(self, state: DecodeState, step: StepResult, ledger=None) -> None:
+        if state.stop_feats is not None and step.tree.size:
+            labels = stop_labels(step.tree.max_depth, step.accepted)
+            xs, ys = self._stop.setdefault(id(state), ([], []))
+            xs.append(state.stop_feats[: len(labels)].detach().float().cpu())
+            ys += labels
         if step.target_logits is None or not step.emitted:
             return
         first = len(state.tokens) - len(step.emitted)  # position of the first emitted token
@@ -64,6 +76,7 @@ class RecordCollector:
 
     def discard(self, state: DecodeState) -> None:
         self._rows.pop(id(state), None)
+        self._stop.pop(id(state), None)
 
     def finish(
         self,
@@ -79,6 +92,7 @@ class RecordCollector:
         trainer and the gate honour its temperature; and, for a mixture drafter, the adapter
         that drafted it (``meta["adapter"]``: the one the record trains)."""
         positions, logits, hidden = self._rows.pop(id(state), ([], [], []))
+        xs, ys = self._stop.pop(id(state), ([], []))
         keep = [i for i, t in enumerate(positions) if t < len(state.tokens)]  # a kept token
         if len(keep) < len(positions):  # never emitted (the request was dropped first)
             positions = [positions[i] for i in keep]
@@ -101,4 +115,6 @@ class RecordCollector:
             top_k=state.sampling.top_k,
             top_p=state.sampling.top_p,
             meta=None if state.route is None else {"adapter": state.route},
+            stop_features=torch.cat(xs) if ys else None,
+            stop_labels=[int(y) for y in ys] if ys else None,
         )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from osd.distill.lora import DEFAULT_LORA_TARGETS, LoraSpec
 from osd.distill.losses import LOSS_NAMES
 
-__all__ = ["DEFAULT_LR_FULL", "DEFAULT_LR_LORA", "DistillConfig"]
+__all__ = ["DEFAULT_LR_FULL", "DEFAULT_LR_LORA", "DecisionDistillConfig", "DistillConfig"]
 
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_LORA = 1e-3
@@ -100,3 +100,17 @@ class DistillConfig:
             dropout=self.lora_dropout,
             base_version=base_version,
         )
+
+
+@dataclass(frozen=True)
+class DecisionDistillConfig(DistillConfig):
+    """How the early-stop decision model (:mod:`osd.distill.decision`) is trained: the same
+    fields, defaults for a 4 → 16 → 1 MLP that starts from an optimistic prior and learns
+    at a far larger rate than a draft (``trainer.decision`` in a cluster config,
+    ``OnlineConfig.decision``).
+
+    >>> DecisionDistillConfig().learning_rate, DecisionDistillConfig(lr=0.1).batch_records
+    (0.03, 8)
+    """
+
+    lr: float | None = 3e-2

@@ -24,8 +24,9 @@ Worked example (``V = 5``, ``k = 2``), one request with prompt ``[2, 3]`` and ou
         tail_logmass = log(1 - 0.70) = log 0.30 = -1.204
 
 The wire format is msgpack (never pickle: the buffer is a network service and its
-contents are untrusted input) with a format version ``"v": 2`` (v1, written before records
-carried sampling parameters, still decodes, as ``temperature = 1``). The sampling
+contents are untrusted input) with a format version ``"v": 3`` (v1, written before records
+carried sampling parameters, still decodes, as ``temperature = 1``; v2, before they could
+carry the early-stop decision model's ``stop_features`` / ``stop_labels``). The sampling
 parameters travel as ``"sampling": [temperature, top_k, top_p]``, integral values as
 msgpack ints (3 bytes for greedy traffic). Arrays are maps
 ``{"dtype": str, "shape": [...], "data": bytes}``, little-endian, from an allow-list of
@@ -71,8 +72,9 @@ __all__ = [
     "validate",
 ]
 
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # v1: no sampling fields (decoded as temperature 1, top-k/top-p off)
+FORMAT_VERSION = 3
+# v1: no sampling fields (decoded as temperature 1, top-k/top-p off); v2: no stop fields
+READ_VERSIONS = (1, 2, 3)
 MAX_TEMPERATURE = 100.0  # far beyond any useful sampling temperature: a guard, not a policy
 DEFAULT_K = 16
 LOG_FLOOR = -30.0  # log-probs and the tail log-mass are clamped here (e^-30 ≈ 1e-13)
@@ -107,11 +109,18 @@ _ARRAYS: dict[str, _ArraySpec] = {
     # fp16 on the wire when that is lossless (build_record rounds to fp16 precision)
     "tail_logmass": _ArraySpec(("float16", "float32"), np.dtype(np.float32), 1),
     "hidden": _ArraySpec(("float16",), np.dtype(np.float16), 2),
+    # v3: the early-stop decision model's features and labels at the drafted positions
+    # that verification reached (osd.specdec.decision), when the drafter has one
+    "stop_features": _ArraySpec(("float16",), np.dtype(np.float16), 2),
+    "stop_labels": _ArraySpec(_INT_WIRE, np.dtype(np.int32), 1),
 }
+_OPTIONAL = ("hidden", "stop_features", "stop_labels")  # None when absent
+_V3_ARRAYS = ("stop_features", "stop_labels")
 _SCALARS = ("request_id", "domain", "drafter_id", "version", "prompt_len", "created", "meta")
 # v2 adds "sampling": [temperature, top_k, top_p], integral numbers as msgpack ints (1 B)
-_KEYS = {1: frozenset(("v", *_SCALARS, *_ARRAYS))}
+_KEYS = {1: frozenset(("v", *_SCALARS, *(a for a in _ARRAYS if a not in _V3_ARRAYS)))}
 _KEYS[2] = _KEYS[1] | {"sampling"}
+_KEYS[3] = _KEYS[2] | set(_V3_ARRAYS)
 
 
 class RecordError(ValueError):
@@ -165,6 +174,8 @@ class DistillRecord:
     topk_logprobs: np.ndarray  # [m, k] float16, sorted descending, <= 0
     tail_logmass: np.ndarray  # [m] float32, log(1 - Σ exp(topk_logprobs)), >= LOG_FLOOR
     hidden: np.ndarray | None = None  # [m, H] float16, target last hidden state at t - 1
+    stop_features: np.ndarray | None = None  # [n, 4] float16, decision-model features
+    stop_labels: np.ndarray | None = None  # [n] int32, 1 = accepted, 0 = rejected
     temperature: float = 1.0  # the request's sampling temperature; 0 = greedy
     top_k: int = 0  # the request's top-k; 0 = off
     top_p: float = 1.0  # the request's nucleus mass; 1 = off
@@ -269,7 +280,7 @@ def validate(record: DistillRecord, vocab_size: int | None = None) -> None:
     _check_sampling(record.temperature, record.top_k, record.top_p)
     for name in _ARRAYS:
         arr = getattr(record, name)
-        if arr is not None or name != "hidden":
+        if arr is not None or name not in _OPTIONAL:
             _check_array(name, arr)
     total = sum(a.nbytes for a in (getattr(record, n) for n in _ARRAYS) if a is not None)
     if total > MAX_ARRAY_BYTES:
@@ -337,6 +348,21 @@ def validate(record: DistillRecord, vocab_size: int | None = None) -> None:
             _fail(f"hidden must have shape [{m}, H >= 1], got {list(record.hidden.shape)}")
         if not np.isfinite(record.hidden).all():
             _fail("hidden contains NaN or inf")
+    _check_stop(record.stop_features, record.stop_labels)
+
+
+def _check_stop(x: np.ndarray | None, y: np.ndarray | None) -> None:
+    """stop_features ``[n, 4]`` (finite) and stop_labels ``[n]`` (0 / 1): both or neither."""
+    if x is None and y is None:
+        return
+    if x is None or y is None:
+        _fail("stop_features and stop_labels come together")
+    if x.shape[1] != 4 or y.shape[0] != x.shape[0]:
+        _fail(f"stop_features [n, 4] and stop_labels [n]; got {list(x.shape)}, {list(y.shape)}")
+    if not np.isfinite(x.astype(np.float32)).all():
+        _fail("stop_features contain NaN or inf")
+    if y.shape[0] and (y.min() < 0 or y.max() > 1):
+        _fail("stop_labels must be 0 or 1")
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -387,7 +413,7 @@ def _unpack_array(name: str, obj: Any, budget: int) -> np.ndarray:
 
 
 def encode(record: DistillRecord) -> bytes:
-    """Validate ``record`` and serialise it to msgpack bytes (format v2)."""
+    """Validate ``record`` and serialise it to msgpack bytes (format v3)."""
     validate(record)
     doc: dict[str, Any] = {"v": FORMAT_VERSION}
     for name in _SCALARS:
@@ -397,6 +423,8 @@ def encode(record: DistillRecord) -> bytes:
     doc["meta"] = dict(record.meta)
     for name in _ARRAYS:
         arr = getattr(record, name)
+        if arr is None and name in _V3_ARRAYS:
+            continue  # absent, not None: a record without them costs what a v2 one did
         doc[name] = None if arr is None else _pack_array(name, arr)
     return msgpack.packb(doc, use_bin_type=True)
 
@@ -410,10 +438,10 @@ def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
     >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
     >>> decode(encode(rec), vocab_size=5).topk_ids.tolist()
     [[4, 3]]
-    >>> decode(b"\\x81\\xa1v\\x03")
+    >>> decode(b"\\x81\\xa1v\\x04")
     Traceback (most recent call last):
     ...
-    osd.distill.record.RecordError: record format version 3 is not supported (this reader reads v1, v2)
+    osd.distill.record.RecordError: record format version 4 is not supported (this reader reads v1, v2, v3)
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         _fail(f"a record must be bytes, got {type(data).__name__}")
@@ -442,13 +470,15 @@ def decode(data: bytes, vocab_size: int | None = None) -> DistillRecord:
             f"record format version {version!r:.40} is not supported (this reader reads {readable})"
         )
     keys = _KEYS[version]
+    if version >= 3:  # the stop fields travel only when present
+        keys = keys - {name for name in _V3_ARRAYS if name not in doc}
     if set(doc) != keys:
         missing, extra = sorted(keys - set(doc)), sorted(map(str, set(doc) - keys))
         _fail(f"record fields do not match v{version}: missing {missing}, unexpected {extra}")
     budget = MAX_ARRAY_BYTES
     arrays: dict[str, np.ndarray | None] = {}
     for name in _ARRAYS:
-        if doc[name] is None and name == "hidden":
+        if doc.get(name) is None and name in _OPTIONAL:  # v1/v2 carry no stop fields
             arrays[name] = None
             continue
         arrays[name] = arr = _unpack_array(name, doc[name], budget)
@@ -519,6 +549,8 @@ def build_record(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    stop_features: torch.Tensor | None = None,
+    stop_labels: Any = None,
 ) -> DistillRecord:
     """Build a record from the verifier's logits at the logged positions.
 
@@ -527,7 +559,8 @@ def build_record(
     ``hidden`` ``[m, H]``: the target's last hidden state at that same index. ``k`` is
     capped at ``V``; then the record is exact and the tail is :data:`LOG_FLOOR`.
     ``temperature`` / ``top_k`` / ``top_p``: the request's sampling parameters (the logits
-    are logged at T = 1 whatever they are).
+    are logged at T = 1 whatever they are). ``stop_features`` ``[n, 4]`` / ``stop_labels``
+    ``[n]``: the early-stop decision model's features and labels (both or neither).
 
     >>> logits = torch.log(torch.tensor([[0.05, 0.10, 0.15, 0.20, 0.50]]))
     >>> rec = build_record("r1", [2, 3, 4, 1], 2, [2], logits, k=2, drafter_id="d", version=0)
@@ -569,6 +602,10 @@ def build_record(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        stop_features=None
+        if stop_features is None
+        else stop_features.detach().to(device="cpu", dtype=torch.float16).numpy(),
+        stop_labels=None if stop_labels is None else _as_int32("stop_labels", stop_labels),
     )
     validate(record, vocab_size=logits.shape[1])
     return record

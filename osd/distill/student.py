@@ -202,6 +202,7 @@ class Student:
     """
 
     lora_task_type: str | None = None
+    gate_metric = "acceptance"  # what gate_estimate measures (the gate's reason names it)
 
     def __init__(self, module: nn.Module, vocab_size: int, context: int | None = None) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -221,6 +222,14 @@ class Student:
     def objective(self, config: DistillConfig) -> Objective:
         """The trainer's objective for this student (default: KD on the sparse target)."""
         return KDObjective(config.loss, config.beta)
+
+    def gate_estimate(self, records: list[DistillRecord]):
+        """What the promotion gate compares between versions, higher is better (an
+        :class:`~osd.registry.gate.AcceptanceEstimate`): by default the expected acceptance
+        ``Σ min(p, q)`` of :meth:`predict` against the logged top-k."""
+        from osd.registry.gate import draft_acceptance
+
+        return draft_acceptance(self, records)
 
     def limit(self, max_len: int | None = None) -> int | None:
         """The input length cap: the student's context, or ``max_len`` when shorter."""

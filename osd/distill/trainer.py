@@ -66,7 +66,8 @@ class OnlineDistiller:
     ``student``: built by name with :func:`osd.drafters.build_student` (its module is
     trained in place). ``base_version``: the registry version the student's weights come
     from (a LoRA adapter records it in its spec). ``clock`` / ``sleep``: injectable for
-    tests (publish timer and compute budget).
+    tests (publish timer and compute budget). ``stream``: the buffer stream to read
+    (default ``drafter_id``'s).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class OnlineDistiller:
         base_version: int = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        stream: str | None = None,
     ) -> None:
         if not isinstance(drafter_id, str) or not drafter_id:
             raise ValueError(f"drafter_id must be a non-empty string, got {drafter_id!r}")
@@ -90,6 +92,9 @@ class OnlineDistiller:
         self.student = student
         self.buffer = buffer
         self.drafter_id = drafter_id
+        # the buffer stream it reads: the drafter's own, or (a decision model, which learns
+        # from fields of the drafter's records) another's, read through its own group
+        self.stream = stream or drafter_id
         self.clock = clock
         self.sleep = sleep
         if config.lora:
@@ -141,7 +146,7 @@ class OnlineDistiller:
         if n_pos:
             self._last_update_at = start
             loss = self._update(records)
-        self.buffer.ack(self.drafter_id, ids)  # only after the optimiser step
+        self.buffer.ack(self.stream, ids)  # only after the optimiser step
         self.records_seen += len(records)
         self.positions_seen += n_pos
         if n_pos == 0:
@@ -172,13 +177,13 @@ class OnlineDistiller:
     def _pull(self) -> tuple[list[Entry], int]:
         """Entries of a dead consumer first (reclaim), then this consumer's own and new ones."""
         n = self.config.batch_records
-        out = self.buffer.reclaim(self.drafter_id, self.config.reclaim_idle_ms, n)
+        out = self.buffer.reclaim(self.stream, self.config.reclaim_idle_ms, n)
         reclaimed = len(out)
         if reclaimed:
             log.info("reclaimed %d idle entries of %r", reclaimed, self.drafter_id)
         if len(out) < n:
             seen = {e.id for e in out}  # read() re-serves own pending: reclaimed ones too
-            out += [e for e in self.buffer.read(self.drafter_id, n - len(out)) if e.id not in seen]
+            out += [e for e in self.buffer.read(self.stream, n - len(out)) if e.id not in seen]
         return out, reclaimed
 
     def _decode(self, entries: Sequence[Entry]) -> tuple[list[DistillRecord], list[str], int]:
@@ -194,7 +199,7 @@ class OnlineDistiller:
                 )
                 bad.append(entry.id)
         if bad:  # poison entries: never redeliver them
-            self.buffer.ack(self.drafter_id, bad)
+            self.buffer.ack(self.stream, bad)
             self.skipped += len(bad)
         return records, ids, len(bad)
 
@@ -203,7 +208,10 @@ class OnlineDistiller:
         self.student.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.student.predict(records, cfg.max_len)  # per record [n, V]
-        loss = self.objective.loss(logits, records).mean()  # over all positions
+        per_position = self.objective.loss(logits, records)
+        if per_position.numel() == 0:  # nothing this student predicts in these records
+            return 0.0
+        loss = per_position.mean()  # over all positions
         if not torch.isfinite(loss):
             # A diverged draft or a poison batch: no update, but ack (the caller does) so
             # the batch is not redelivered forever.

@@ -40,6 +40,9 @@ class DecodeState:
     pending: torch.Tensor | None = None
     domain: str | None = None  # the request's domain tag, when the client gave one
     route: str | None = None  # the adapter a mixture drafter chose (logged with the record)
+    # [n, 4] decision-model features of the positions drafted this step (early stop;
+    # osd.specdec.decision), set by the drafter, labelled after verification
+    stop_feats: torch.Tensor | None = None
     finished: bool = False
     finish_reason: str | None = None
     released: bool = False  # the engine freed its caches (SpeculativeDecoder.release)
@@ -81,6 +84,9 @@ class Drafter:
     # target-initialised: a step that accepted a token keeps its last token's distribution
     # in DecodeState.pending (not drawn); the next tree's first level is that top-k
     defers_bonus = False
+    # the early-stop decision model (osd.specdec.decision.AcceptPredictor) an autoregressive
+    # drafter consults while drafting; the engine registers it as a step observer
+    stop = None
 
     def __init__(self) -> None:
         self.version = 0

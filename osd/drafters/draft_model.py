@@ -60,7 +60,6 @@ class _DraftSeq:
     cached: int = 0  # tokens of state.tokens whose K/V the draft cache holds
     committed: int = 0  # len(state.tokens) when the last tree was drafted (root included)
     fed: int = 0  # tree nodes of that tree fed into the cache after them
-    stop_feats: torch.Tensor | None = None  # early stop: features of the drafted positions
 
 
 def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -460,7 +459,7 @@ class DraftModelDrafter(Drafter):
             frontier = self._feed(act, kids, lo, hi, shape)
         for i, s in enumerate(act):
             if feats:
-                s.draft.stop_feats = torch.stack([f[i] for f in feats[: limit[active[i]]]])
+                s.stop_feats = torch.stack([f[i] for f in feats[: limit[active[i]]]])
             n = shape.levels[limit[active[i]] - 1][1]
             greedy_row = all(x is None for x in probs[i][:n])  # point masses
             p = None if greedy_row else torch.stack(probs[i][:n])
@@ -482,12 +481,6 @@ class DraftModelDrafter(Drafter):
             src += a
             dst += b
             ds.cached = ds.committed + len(kept)
-            if self.stop is not None and ds.stop_feats is not None:
-                # labels from verification: accepted positions 1, the first rejected one 0
-                depth, acc = r.tree.max_depth, r.accepted
-                labels = [1.0] * min(acc, depth) + ([0.0] if acc < depth else [])
-                self.stop.observe(ds.stop_feats, labels)
-                ds.stop_feats = None
         self.cache.move(torch.tensor(slots), torch.tensor(src), torch.tensor(dst))
 
     # -- weights -----------------------------------------------------------------------

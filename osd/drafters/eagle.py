@@ -31,6 +31,7 @@ import torch
 
 from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.drafters.heads import EagleHead, HeadConfig, eagle_layers
+from osd.specdec.decision import AcceptPredictor
 from osd.specdec.lean import causal_mask
 from osd.specdec.tree import TokenTree
 
@@ -55,7 +56,11 @@ class EagleDrafter(Drafter):
         topk: int = 4,
         width: int = 4,
         nodes: int = 24,
+        early_stop: float | None = None,
     ) -> None:
+        """``early_stop``: a sequence's tree stops growing at the depth where the online
+        decision model (:mod:`osd.specdec.decision`) predicts acceptance below this
+        threshold, from the distribution under the level's best candidate."""
         super().__init__()
         if min(depth, topk, width, nodes) < 1 or width > topk:
             raise ValueError(
@@ -68,6 +73,7 @@ class EagleDrafter(Drafter):
         self.base = target.model
         self.lm_head = target.get_output_embeddings()
         self.depth, self.topk, self.width, self.nodes = depth, topk, width, nodes
+        self.stop = None if early_stop is None else AcceptPredictor(threshold=float(early_stop))
         self.context = int(target.config.max_position_embeddings)
         p = self.lm_head.weight
         self.cache = head.new_cache(self.context + depth * width + 1, p.dtype, p.device)
@@ -147,6 +153,7 @@ class EagleDrafter(Drafter):
         feat = self._catch_up(act)  # [a, H] predicted root features
         logp = torch.log_softmax(self.lm_head(feat).float(), -1)  # [a, V]
         top = logp.topk(k, dim=-1)
+        feats = [] if self.stop is None else [self.stop.features(logp, 0)]
         # the candidate pool, level by level: tokens, cumulative scores, parent (pool index)
         pool_tok, pool_score, pool_parent, pool_depth = [top.indices], [top.values], [], []
         pool_parent.append(torch.full((a, k), -1))
@@ -158,6 +165,8 @@ class EagleDrafter(Drafter):
         parent_feat = feat[:, None].expand(a, w, feat.shape[-1])
         n_pool = k
         for d in range(1, deepest):
+            if all(d >= lim for lim in limit):  # every tree stopped early
+                break
             toks = torch.cat(pool_tok, 1).gather(1, front)  # [a, w]
             score = torch.cat(pool_score, 1).gather(1, front)
             # the frontier's fed parents (previous level's frontier), for the tree mask
@@ -181,6 +190,10 @@ class EagleDrafter(Drafter):
             at = base[:, None] + f0 + torch.arange(w)[None]
             out = self._run(seqs, parent_feat, toks, pos, at, mask)  # [a, w, H]
             lp = torch.log_softmax(self.lm_head(out).float(), -1)  # [a, w, V]
+            if self.stop is not None:  # depth d + 1's distribution under the best node
+                feats.append(self.stop.features(lp[:, 0], d))
+                go = self.stop.keep_going(feats[-1]).tolist()
+                limit = [min(lim, d) if not g else lim for lim, g in zip(limit, go, strict=True)]
             ch = lp.topk(k, dim=-1)
             cand_score = (score[:, :, None] + ch.values).reshape(a, w * k)
             pool_tok.append(ch.indices.reshape(a, w * k))
@@ -195,6 +208,8 @@ class EagleDrafter(Drafter):
         par, dep = torch.cat(pool_parent, 1), torch.cat(pool_depth, 1)
         for row, i in enumerate(active):
             trees[i] = self._rerank(tok[row], sc[row], par[row], dep[row], limit[row])
+            if feats and trees[i].size:
+                act[row].stop_feats = torch.stack([f[row] for f in feats])[: trees[i].max_depth]
         return trees
 
     def _rerank(self, tok, score, parent, depth, limit: int) -> TokenTree:

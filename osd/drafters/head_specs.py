@@ -3,7 +3,9 @@
 
 Each loads its heads from ``heads=DIR`` or, by default, from the zoo
 (``osd/zoo/artifacts/heads/<name>``, written by ``osd heads train``); the ``koala-`` ones
-are the K-layer, adversarially trained heads of the same two kinds. Their student
+are the K-layer, adversarially trained heads of the same two kinds. The autoregressive ones
+(``eagle``, ``koala-eagle``, ``recurrent``) take ``early_stop=THRESHOLD``: the online
+decision model of :mod:`osd.specdec.decision`, as the draft model does. Their student
 (:mod:`osd.distill.head_student`) trains the drafter's head module in place.
 """
 
@@ -38,6 +40,7 @@ def _eagle_builder(name: str):
         topk: int = 4,
         width: int = 4,
         nodes: int = 24,
+        early_stop: float | None = None,
     ) -> Drafter:
         from osd.drafters.eagle import EagleDrafter
 
@@ -46,7 +49,7 @@ def _eagle_builder(name: str):
         module, config = load_heads(heads or heads_dir(name), target)
         if config.kind != "eagle":
             raise ValueError(f"drafter {name!r} needs an eagle head; {heads} holds {config.kind}")
-        drafter = EagleDrafter(target, module, config, depth, topk, width, nodes)
+        drafter = EagleDrafter(target, module, config, depth, topk, width, nodes, early_stop)
         drafter.name = name
         return drafter
 
@@ -61,6 +64,7 @@ def _recurrent(
     length: int = 5,
     stochastic: bool = True,
     all_levels: bool = True,
+    early_stop: float | None = None,
 ) -> Drafter:
     from osd.drafters.recurrent import RecurrentDrafter
 
@@ -69,7 +73,9 @@ def _recurrent(
     module, config = load_heads(heads or heads_dir("recurrent"), target)
     if config.kind != "recurrent":
         raise ValueError(f"drafter 'recurrent' needs a recurrent head; {heads} holds {config.kind}")
-    return RecurrentDrafter(target, module, config, width, length, stochastic, all_levels)
+    return RecurrentDrafter(
+        target, module, config, width, length, stochastic, all_levels, early_stop
+    )
 
 
 def _student(drafter: Drafter):

@@ -77,6 +77,7 @@ from torch import Tensor, nn
 
 from osd.drafters.base import DecodeState, Drafter
 from osd.drafters.heads import HeadConfig, ResBlock
+from osd.specdec.decision import AcceptPredictor
 from osd.specdec.sampling import warp_probs
 from osd.specdec.tree import TokenTree
 
@@ -126,22 +127,41 @@ def unroll(head: RecurrentHead, embed: nn.Module, h: Tensor, ids: Tensor) -> Ten
 
 
 def beam_search(
-    head: RecurrentHead, embed: nn.Module, lm_head: nn.Module, h: Tensor, root: Tensor, shape
-) -> tuple[list[Tensor], Tensor]:
+    head: RecurrentHead,
+    embed: nn.Module,
+    lm_head: nn.Module,
+    h: Tensor,
+    root: Tensor,
+    shape,
+    stop: AcceptPredictor | None = None,
+    limits: list[int] | None = None,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
     """Deterministic beam search for contexts ``h`` ``[a, H]`` and roots ``[a]``, one head
     step per depth for all beams: the beams after each step, ``levels[t - 1]`` ``[a, w, t]``
-    (``levels[-1]`` the final ones), best first, and the final log-probs ``[a, w]``."""
+    (``levels[-1]`` the final ones), best first, the final log-probs ``[a, w]`` and, with an
+    early-stop decision model ``stop``, its features per depth ``[a, 4]`` (from the best
+    beam's distribution): a row stops (``limits[row]`` lowered in place) where it predicts
+    a rejection, and the search ends when every row has stopped."""
     a, w = h.shape[0], shape.width
+    limits = limits if limits is not None else [shape.length] * a
     s = head.state(embed(root), torch.zeros_like(h))  # [a, H]
     logp = torch.log_softmax(lm_head(head.feature(h, s)).float(), -1)  # [a, V]
+    feats = [] if stop is None else [stop.features(logp, 0)]
     top = logp.topk(w, -1)
     beams, score = top.indices[:, :, None], top.values  # [a, w, 1], [a, w]
     levels = [beams]
     s = s[:, None].expand(a, w, s.shape[-1])
     hw = h[:, None].expand_as(s)
-    for _ in range(1, shape.length):
+    for t in range(1, shape.length):
+        if all(t >= lim for lim in limits):
+            break
         s = head.state(embed(beams[:, :, -1]), s)  # [a, w, H]
         logp = torch.log_softmax(lm_head(head.feature(hw, s)).float(), -1)  # [a, w, V]
+        if stop is not None:
+            feats.append(stop.features(logp[:, 0], t))
+            for row, go in enumerate(stop.keep_going(feats[-1]).tolist()):
+                if not go:
+                    limits[row] = min(limits[row], t)
         v = logp.shape[-1]
         top = (score[:, :, None] + logp).reshape(a, w * v).topk(w, -1)
         src = top.indices // v  # [a, w] the beam each extension grows
@@ -151,7 +171,7 @@ def beam_search(
         s = s.gather(1, src[:, :, None].expand_as(s))
         score = top.values
         levels.append(beams)
-    return levels, score
+    return levels, score, feats
 
 
 def beams_to_tree(beams: Sequence[Sequence[int]]) -> TokenTree:
@@ -263,7 +283,11 @@ class RecurrentDrafter(Drafter):
         length: int = 5,
         stochastic: bool = True,
         all_levels: bool = True,
+        early_stop: float | None = None,
     ) -> None:
+        """``early_stop``: the online decision model (:mod:`osd.specdec.decision`) ends a
+        sequence's beams at the depth where it predicts acceptance below this threshold
+        (greedy beam search; stochastic beams draft their full length)."""
         super().__init__()
         self.target = target
         self.head = head.eval()
@@ -274,6 +298,7 @@ class RecurrentDrafter(Drafter):
         self.stochastic = stochastic
         self.all_levels = all_levels
         self.context = int(target.config.max_position_embeddings)
+        self.stop = None if early_stop is None else AcceptPredictor(threshold=float(early_stop))
 
     @property
     def k(self) -> int:
@@ -301,10 +326,16 @@ class RecurrentDrafter(Drafter):
             h = torch.stack([states[i].target_hidden[-1] for i in beams]).to(dtype)
             root = torch.tensor([states[i].tokens[-1] for i in beams])
             shape = BeamShape(self.shape.width, max(limit[i] for i in beams))
-            levels, _ = beam_search(self.head, self.embed, self.lm_head, h, root, shape)
+            lims = [limit[i] for i in beams]
+            levels, _, feats = beam_search(
+                self.head, self.embed, self.lm_head, h, root, shape, self.stop, lims
+            )
             for row, i in enumerate(beams):
-                kept = levels[: limit[i]] if self.all_levels else levels[limit[i] - 1 : limit[i]]
+                n = lims[row]
+                kept = levels[:n] if self.all_levels else levels[n - 1 : n]
                 trees[i] = beams_to_tree([b for lvl in kept for b in lvl[row].tolist()])
+                if feats and trees[i].size:
+                    states[i].stop_feats = torch.stack([f[row] for f in feats[:n]])
         if sampled:
             h = torch.stack([states[i].target_hidden[-1] for i in sampled]).to(dtype)
             lim = [limit[i] for i in sampled]

@@ -125,8 +125,8 @@ class PromotionGate:
         records: list[DistillRecord],
     ) -> GateDecision:
         """Score the candidate's and the live version's students on the same records."""
-        cand = draft_acceptance(candidate, records)
-        now = draft_acceptance(live, records)
+        cand = candidate.gate_estimate(records)  # draft_acceptance unless the student says
+        now = live.gate_estimate(records)
         if cand.records < self.min_records:
             ok = False
             reason = (
@@ -136,7 +136,8 @@ class PromotionGate:
             ok = cand.mean >= now.mean - self.margin
             sign = ">=" if ok else "<"
             reason = (
-                f"acceptance {cand.mean:.4f} {sign} live {now.mean:.4f} - margin {self.margin} "
+                f"{candidate.gate_metric} {cand.mean:.4f} {sign} live {now.mean:.4f} - margin "
+                f"{self.margin} "
                 f"over {cand.positions} positions of {cand.records} records"
             )
         return GateDecision(ok, cand.mean, now.mean, cand.records, reason, cand.positions)

@@ -45,7 +45,8 @@ def _ref(answer: Mapping[str, Any]) -> Ref:
 
 class VersionFollower:
     """Poll answers → offers to the loop; see the module docstring. Call :meth:`on_swap`
-    from the loop's swap callback."""
+    from the loop's swap callback. ``loop``: the :class:`ServingLoop` (its drafter), or
+    one part of it (``loop.part("stop")``: the drafter's early-stop decision model)."""
 
     def __init__(self, loop: ServingLoop, reference: Mapping[str, TensorSpec], what: str):
         self.loop = loop
@@ -75,7 +76,7 @@ class VersionFollower:
                 self.serving["epoch"],
                 self.serving["version"],
             )
-            upload(weights_to_bytes(self.loop.decoder.drafter.state_dict()), self.serving)
+            upload(weights_to_bytes(self.loop.state_dict()), self.serving)
             self.uploads += 1
             return "upload"
         if action != "adopt":

@@ -122,6 +122,7 @@ class SwapEvent:
     pause_s: float  # decode loop blocked while loading the weights
     waited_s: float  # offered → adopted (the step in progress finished first)
     in_flight: int  # sequences active at the swap (none was dropped)
+    part: str = "drafter"  # what was swapped: the drafter, or its decision model ("stop")
 
 
 def visible_text(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -202,7 +203,8 @@ class ServingLoop:
         self._inbox: deque[_Seq] = deque()
         self._active: list[_Seq] = []
         self._cancelled: set[str] = set()
-        self._offer: tuple[dict[str, torch.Tensor], int, float] | None = None
+        # per part (the drafter, its decision model): the weights offered, not adopted yet
+        self._offer: dict[str, tuple[dict[str, torch.Tensor], int, float]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.swaps: list[SwapEvent] = []
@@ -262,17 +264,39 @@ class ServingLoop:
                 self._cancelled.add(request_id)
             self._cond.notify_all()
 
-    def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Hand over new drafter weights; adopted before the next step (a newer offer that
+    def offer_weights(
+        self, state_dict: dict[str, torch.Tensor], version: int, part: str = "drafter"
+    ) -> None:
+        """Hand over new weights of ``part`` (the drafter, or ``"stop"``: its early-stop
+        decision model); adopted before the next step (a newer offer of the same part that
         arrives first replaces this one)."""
+        self._module(part)  # raises for a part this drafter does not have
         with self._cond:
-            self._offer = (state_dict, version, time.perf_counter())
+            self._offer[part] = (state_dict, version, time.perf_counter())
             self._cond.notify_all()
 
     @property
     def pending_version(self) -> int | None:
-        offer = self._offer
+        offer = self._offer.get("drafter")
         return None if offer is None else offer[1]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The drafter's weights as served."""
+        return self.decoder.drafter.state_dict()
+
+    def part(self, name: str) -> _Part:
+        """A view of one swappable part with the loop's own surface (``version``,
+        ``pending_version``, ``offer_weights``, ``state_dict``), what a
+        :class:`~osd.serving.follow.VersionFollower` follows."""
+        self._module(name)
+        return _Part(self, name)
+
+    def _module(self, part: str):
+        if part == "drafter":
+            return self.decoder.drafter
+        if part == "stop" and self.decoder.drafter.stop is not None:
+            return self.decoder.drafter.stop
+        raise ValueError(f"drafter {self.decoder.drafter.name!r} has no part {part!r}")
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -298,23 +322,26 @@ class ServingLoop:
 
     def _adopt(self) -> None:
         with self._cond:
-            offer, self._offer = self._offer, None
-        if offer is None:
-            return
-        state_dict, version, offered = offer
-        previous = self.version
-        start = time.perf_counter()
-        try:
-            self.decoder.drafter.load_state_dict(state_dict, version)
-        except Exception:  # bad weights must not take serving down: keep the old ones
-            log.exception("could not adopt drafter v%d; keeping v%d", version, previous)
-            return
-        now = time.perf_counter()
-        event = SwapEvent(version, previous, now - start, now - offered, len(self._active))
-        self.swaps.append(event)
-        log.info("adopted drafter v%d (was v%d) in %.1f ms", version, previous, 1e3 * event.pause_s)
-        if self.on_swap is not None:
-            self._call(self.on_swap, event)
+            offers, self._offer = self._offer, {}
+        for part, (state_dict, version, offered) in offers.items():
+            module = self._module(part)
+            previous = module.version
+            start = time.perf_counter()
+            try:
+                module.load_state_dict(state_dict, version)
+            except Exception:  # bad weights must not take serving down: keep the old ones
+                log.exception("could not adopt %s v%d; keeping v%d", part, version, previous)
+                continue
+            now = time.perf_counter()
+            event = SwapEvent(
+                version, previous, now - start, now - offered, len(self._active), part
+            )
+            self.swaps.append(event)
+            log.info(
+                "adopted %s v%d (was v%d) in %.1f ms", part, version, previous, 1e3 * event.pause_s
+            )
+            if self.on_swap is not None:
+                self._call(self.on_swap, event)
 
     def _admit(self, seqs: list[_Seq]) -> None:
         """Start the new sequences with one batched prefill; if that fails (a request the
@@ -440,3 +467,25 @@ class ServingLoop:
             fn(arg)
         except Exception:  # a broken callback must not stop the loop
             log.exception("serving-loop callback %r failed", fn)
+
+
+class _Part:
+    """One swappable part of a :class:`ServingLoop`'s drafter (:meth:`ServingLoop.part`)."""
+
+    def __init__(self, loop: ServingLoop, name: str) -> None:
+        self.loop, self.name = loop, name
+
+    @property
+    def version(self) -> int:
+        return self.loop._module(self.name).version
+
+    @property
+    def pending_version(self) -> int | None:
+        offer = self.loop._offer.get(self.name)
+        return None if offer is None else offer[1]
+
+    def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.loop.offer_weights(state_dict, version, self.name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.loop._module(self.name).state_dict()

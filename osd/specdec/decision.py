@@ -14,6 +14,15 @@ The model is a small MLP (4 → 16 → 1, sigmoid), trained by Adam on a rolling
 ``every`` labels (8 steps each); it starts from a prior that accepts everything it has not seen (its
 bias starts at +3), so before it has learned the drafter drafts its full length.
 
+The decision model is also a **step observer** of the engine (the engine registers a
+drafter's ``stop`` itself): a drafter that consults it leaves the features of the positions
+it drafted in ``DecodeState.stop_feats``; after verification :meth:`AcceptPredictor.on_step`
+labels them (:func:`stop_labels`) and learns. The record collector logs the same features
+and labels (``DistillRecord.stop_features`` / ``stop_labels``), so a trainer can learn the
+model from the buffer and the registry can version, gate and hot-swap it like any weights
+(:class:`osd.distill.decision.DecisionStudent`); a replica that follows the registry's
+versions sets ``learn=False`` so that it serves exactly the promoted weights.
+
 Stopping is a function of the draft's distribution only — fixed by the history before
 the target is consulted — so greedy output and the sampled distribution are unchanged
 (any proposal fixed by the history is verified losslessly); only the drafted length
@@ -32,19 +41,45 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["AcceptPredictor"]
+__all__ = ["FEATURES", "AcceptPredictor", "decision_net", "stop_labels"]
+
+FEATURES = 4  # top-1 probability, top-1 − top-2 margin, scaled entropy, depth / 8
+
+
+def decision_net() -> nn.Sequential:
+    """The decision model's network: ``[a, 4]`` features → ``[a, 1]`` acceptance logit."""
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.SiLU(), nn.Linear(16, 1))
+
+
+def stop_labels(depth: int, accepted: int) -> list[float]:
+    """Labels of one verified chain of ``depth`` drafted positions of which the first
+    ``accepted`` were accepted: 1 per accepted position, then 0 for the first rejected one;
+    the positions after it were never reached and carry no label.
+
+    >>> stop_labels(4, 2), stop_labels(3, 3), stop_labels(0, 0)
+    ([1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [])
+    """
+    return [1.0] * min(accepted, depth) + ([0.0] if accepted < depth else [])
 
 
 class AcceptPredictor:
     """P(accepted | reached) per drafted position, learned online from verification."""
 
+    wants_logits = False  # as a step observer it reads DecodeState.stop_feats only
+    wants_hidden = False
+
     def __init__(
-        self, threshold: float = 0.3, lr: float = 3e-2, every: int = 64, seed: int = 0
+        self,
+        threshold: float = 0.3,
+        lr: float = 3e-2,
+        every: int = 64,
+        seed: int = 0,
+        learn: bool = True,
     ) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"early-stop threshold must be in [0, 1), got {threshold!r}")
         gen = torch.Generator().manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 1))
+        self.net = decision_net()
         with torch.no_grad():
             for p in self.net.parameters():
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
@@ -56,6 +91,8 @@ class AcceptPredictor:
         self._y: list[float] = []
         self.seen = 0  # labels learned from
         self.updates = 0
+        self.learn = learn  # False: serve the registry's versions only (no local updates)
+        self.version = 0
 
     @staticmethod
     def features(logits: torch.Tensor, depth: int) -> torch.Tensor:
@@ -77,9 +114,30 @@ class AcceptPredictor:
         """``[a]`` bool: draft this position (predicted acceptance ≥ threshold)."""
         return self.prob(features) >= self.threshold
 
+    # -- as a step observer of the engine -------------------------------------------------
+    def on_step(self, state, step, ledger=None) -> None:
+        """Label the positions the drafter drafted for ``state`` this step and learn."""
+        feats = getattr(state, "stop_feats", None)
+        if feats is None or step.tree.size == 0:
+            return
+        self.observe(feats, stop_labels(step.tree.max_depth, step.accepted))
+
+    def on_release(self, state) -> None:
+        pass
+
+    # -- weights (versioned by the registry) -----------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """A promoted version; labels gathered for a local update are dropped."""
+        self.net.load_state_dict(state_dict, strict=True)
+        self._x, self._y = [], []
+        self.version = version
+
     def observe(self, features: torch.Tensor, labels: list[float]) -> None:
         """Positions a verification reached: their features ``[m, 4]`` and outcomes."""
-        if not labels:
+        if not labels or not self.learn:
             return
         self._x.append(features[: len(labels)])
         self._y.extend(labels)

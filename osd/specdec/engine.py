@@ -171,6 +171,8 @@ class SpeculativeDecoder:
         self.keep_logits = self.keep_hidden = False
         for obs in [*observers, *([controller] if controller is not None else [])]:
             self.add_observer(obs)
+        if self.drafter.stop is not None:  # the decision model labels its drafted positions
+            self.add_observer(self.drafter.stop)
 
     def add_observer(self, observer: StepObserver) -> None:
         """Register a step observer; the engine keeps what it declares it wants."""
@@ -291,6 +293,8 @@ class SpeculativeDecoder:
         if self.controller is not None:  # load-aware: the batch size is part of its model
             cap = self.controller.depth(len(states))
             depths = [min(d, cap) for d in depths]
+        for s in states:
+            s.stop_feats = None  # the drafter sets them again if it drafts with a stop model
         with self.ledger.time("propose"):
             trees = self.drafter.propose_batch(states, depths)
             for tree, d in zip(trees, depths, strict=True):
