@@ -24,11 +24,13 @@ it serves worse than its predecessor. Gate decisions and adoptions go into the r
 persisted history, so a restarted actor reports them.
 
 A drafter with nothing to train (``ngram``, ``none``) has no versions: the actor then holds
-an empty registry, reports live version 0 and refuses publishes. A drafter with an early-stop
-decision model (``serve.drafter_options.early_stop``) served with trainers has a second
-versioned id, ``<drafter_id>-stop`` (:mod:`osd.distill.decision`): published by the
-trainers, gated on the same held-out records (the likelihood of their stop labels) and
-followed by the replicas like the drafter's weights.
+an empty registry, reports live version 0 and refuses publishes. A drafter's **versioned
+parts** (:meth:`osd.drafters.base.Drafter.parts`), when trainers run, have ids of their own
+— ``<drafter_id>-stop`` for an early-stop decision model (``serve.drafter_options.
+early_stop``; :mod:`osd.distill.decision`), ``<drafter_id>-<domain>`` per adapter of a
+mixture with ``versioning: adapter`` — published by the trainers, gated on the same
+held-out records (each part's student scores the records it predicts) and followed by the
+replicas like the drafter's weights.
 
 Runs threaded (``max_concurrency``): polls are answered while a gate evaluates; publishes
 are serialised by a lock.
@@ -37,7 +39,6 @@ are serialised by a lock.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import time
@@ -50,7 +51,6 @@ from osd.actors.record_sink import holdout_stream
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
-from osd.distill.decision import DecisionStudent, decision_id
 from osd.distill.record import RecordError, decode
 from osd.drafters import build_drafter, build_student, drafter_spec
 from osd.models import load_model
@@ -114,15 +114,17 @@ class RegistryActor:
                 else PostSwapWatch(cfg.registry.watch_margin, cfg.registry.watch_min_tokens),
             )
             self.promoters[cfg.drafter_id] = self.promoter
-            if drafter.stop is not None and cfg.trainer.count > 0:
-                did = decision_id(cfg.drafter_id)
-                self.promoters[did] = Promoter(
-                    self.registry,
-                    did,
-                    DecisionStudent(copy.deepcopy(drafter.stop.net), self.promoter.base.vocab_size),
-                    PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
-                    provenance={"source": "prior", "role": "initial decision model"},
-                )
+            if cfg.trainer.count > 0:  # trainers learn the parts: they are versioned here
+                vocab = self.promoter.base.vocab_size
+                for name, part in drafter.parts().items():
+                    did = cfg.drafter_id + part.suffix
+                    self.promoters[did] = Promoter(
+                        self.registry,
+                        did,
+                        part.student(vocab),  # the registry actor's own drafter: no copy
+                        PromotionGate(cfg.registry.gate_margin, cfg.registry.gate_min_records),
+                        provenance={"source": cfg.draft, "part": name},
+                    )
         self.holdout_buffer = RedisStreamBuffer(
             self.client, group="gate", consumer="registry", maxlen=cfg.buffer.maxlen
         )
@@ -366,20 +368,18 @@ class RegistryActor:
             "versions": self.versions(self.drafter_id),
             "decisions": decisions,
             "adoptions": adoptions,
-            "decision_model": self._decision_report(),
+            "parts": self._parts_report(),
             "holdout_records": len(self.holdout),
             "holdout_stream_length": holdout_len,
         }
 
-    def _decision_report(self) -> dict[str, Any] | None:
-        """The early-stop decision model's versions and live one (``None``: none)."""
-        did = decision_id(self.drafter_id)
-        if did not in self.promoters:
-            return None
+    def _parts_report(self) -> dict[str, Any]:
+        """The drafter's versioned parts (decision model, adapters): id → live version and
+        versions."""
         return {
-            "drafter_id": did,
-            "live_version": self.registry.live_version(did),
-            "versions": self.versions(did),
+            did: {"live_version": self.registry.live_version(did), "versions": self.versions(did)}
+            for did in self.promoters
+            if did != self.drafter_id
         }
 
     def ping(self) -> bool:

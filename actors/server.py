@@ -13,7 +13,10 @@ decoding with continuous batching, hot-swaps between steps) and wires it to:
 - the registry actor: a thread polls the live version (a dict lookup, every
   ``registry.poll_s``), fetches new weights, checks their sha256 and shapes, and offers
   them to the loop, which adopts them before its next step; adoptions are reported back.
-  A drafter without weights (``ngram``, ``none``) has nothing to follow: no poll.
+  A drafter without weights (``ngram``, ``none``) has nothing to follow: no poll. A
+  drafter's versioned parts (an early-stop decision model, a mixture's adapters with
+  ``versioning: adapter``) are followed the same way under ids of their own when trainers
+  learn them.
 
 The drafter is built by name (``cfg.drafter``, options ``k`` and ``serve.drafter_options``)
 with :func:`osd.drafters.build_drafter`; the draft model is loaded only for drafters that
@@ -58,7 +61,6 @@ from osd.actors.record_sink import KeyQuota, RecordSink
 from ray import serve
 
 from osd.distill.collect import RecordCollector
-from osd.distill.decision import decision_id
 from osd.distill.record import DistillRecord, LogConfig
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
@@ -161,13 +163,18 @@ class OSDServer:
         ).start()
         self._stop = threading.Event()
         self.follower = VersionFollower(self.loop, self.reference, cfg.drafter_id)
-        self.stop_follower: VersionFollower | None = None
-        stop = decoder.drafter.stop
-        if stop is not None and cfg.trainer.count > 0:  # trainers learn it: serve its versions
-            stop.learn = False
-            self.stop_follower = VersionFollower(
-                self.loop.part("stop"), spec_of(stop.state_dict()), decision_id(cfg.drafter_id)
-            )
+        # the drafter's versioned parts (decision model, per-adapter mixture) follow ids of
+        # their own when trainers learn them
+        self.part_followers: dict[str, VersionFollower] = {}
+        if cfg.trainer.count > 0:
+            if decoder.drafter.stop is not None:
+                decoder.drafter.stop.learn = False  # it serves the registry's versions only
+            for name, part in decoder.drafter.parts().items():
+                self.part_followers[name] = VersionFollower(
+                    self.loop.part(name),
+                    spec_of(part.module.state_dict()),
+                    cfg.drafter_id + part.suffix,
+                )
         log.info(
             "replica %s up on %s (context %d, drafter %s %s, max batch %d)",
             self.replica,
@@ -195,8 +202,7 @@ class OSDServer:
         backoff = self.cfg.registry.poll_s
         followers = [
             (f, self._registry_calls(f.what))
-            for f in (self.follower, self.stop_follower)
-            if f is not None
+            for f in (self.follower, *self.part_followers.values())
         ]
         while not self._stop.wait(backoff):
             try:
@@ -228,9 +234,9 @@ class OSDServer:
         return poll, fetch, upload
 
     def _on_swap(self, event: SwapEvent) -> None:
-        if event.part == "stop":  # the decision model: no adoption report, no swap metric
-            if self.stop_follower is not None:
-                self.stop_follower.on_swap(event)
+        if event.part != "drafter":  # a versioned part: no adoption report, no swap metric
+            if event.part in self.part_followers:
+                self.part_followers[event.part].on_swap(event)
             return
         self.metrics.observe_swap(event)
         ref = self.follower.on_swap(event)
@@ -318,9 +324,10 @@ class OSDServer:
                 }
                 for s in self.loop.swaps
             ],
-            "decision_model": None
-            if self.stop_follower is None
-            else {"version": self.loop.part("stop").version, "serving": self.stop_follower.serving},
+            "parts": {  # versioned parts: the version adopted and the registry ref
+                name: {"version": self.loop.part(name).version, "serving": f.serving}
+                for name, f in self.part_followers.items()
+            },
         }
 
     def _deny(self, request: Request, metrics: bool = False) -> JSONResponse | None:

@@ -11,7 +11,12 @@ re-reads the entries its predecessor held un-acked, so no record is lost (at-lea
 DESIGN §4). Records of a consumer that never comes back are reclaimed by the others after
 ``reclaim_idle_ms``.
 
-Controls for experiments: :meth:`pause` / :meth:`resume` the training thread,
+A drafter's versioned parts (:meth:`osd.drafters.base.Drafter.parts`: an early-stop
+decision model, the adapters of a mixture with ``versioning: adapter``) get a distiller and
+a thread each, on the same records read through a consumer group of their own, publishing
+under the part's id (``<drafter_id>-stop``, ``<drafter_id>-<domain>``).
+
+Controls for experiments: :meth:`pause` / :meth:`resume` the training threads,
 :meth:`set_budget` (steps per second, live) and :meth:`set_publishing` (train without
 publishing: the served weights stay fixed).
 """
@@ -29,7 +34,6 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
-from osd.distill.decision import DecisionStudent, decision_id
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -67,8 +71,48 @@ class TrainerActor:
             **cfg.serve.drafter_config(cfg.drafter, cfg.k),  # as the replicas build it
         )
         student = build_student(cfg.drafter, drafter)
-        dcfg = cfg.trainer.distill
-        live = ray.get(self.registry.raw_weights.remote(cfg.drafter_id))
+        # the drafter's own weights (unless it trains only its parts), then each versioned
+        # part (decision model, per-adapter mixture), read through a group of its own
+        self.distiller: OnlineDistiller | None = None
+        self.resumed_from = 0
+        if drafter.trains_whole:
+            self.distiller, self.resumed_from = self._resume(
+                student, cfg.drafter_id, cfg.trainer.distill, buffer
+            )
+        self.part_distillers: dict[str, OnlineDistiller] = {}
+        for part in drafter.parts().values():
+            did = cfg.drafter_id + part.suffix
+            self.part_distillers[did], _ = self._resume(
+                part.student(student.vocab_size),
+                did,
+                getattr(cfg.trainer, part.distill),
+                buffer.for_group(part.group),
+            )
+        self.publishing = True
+        self.decisions: list[dict[str, Any]] = []
+        self.part_decisions: dict[str, list[dict[str, Any]]] = {d: [] for d in self.part_distillers}
+        self.errors = 0
+        self._run = threading.Event()
+        self._run.set()
+        self._stop = threading.Event()
+        every = [self.distiller] if self.distiller is not None else []
+        every += list(self.part_distillers.values())
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=(d,), name=f"{name}-{d.drafter_id}", daemon=True
+            )
+            for d in every
+        ]
+        for t in self._threads:
+            t.start()
+        log.info("%s up on %s, resumed from v%d", name, device, self.resumed_from)
+
+    def _resume(self, student, did: str, dcfg, buffer) -> tuple[OnlineDistiller, int]:
+        """A distiller of ``student`` for the registry id ``did``, resumed from its live
+        version (its weights, or its LoRA adapter on the base version its spec names)."""
+        import ray
+
+        live = ray.get(self.registry.raw_weights.remote(did))
         version, kind = live["version"], live["kind"]
         adapter = None
         if kind == "full":  # full or LoRA training goes on from these weights
@@ -77,55 +121,22 @@ class TrainerActor:
         elif dcfg.lora:  # the live adapter goes on training, on its own base version
             spec = LoraSpec.from_dict(live["lora"])
             base_version = spec.base_version
-            base = ray.get(self.registry.raw_weights.remote(cfg.drafter_id, base_version))
+            base = ray.get(self.registry.raw_weights.remote(did, base_version))
             student.load_weights(weights_from_bytes(base["data"]))
             adapter = (weights_from_bytes(live["data"]), spec)
         else:  # a full fine-tune from the live adapter merged onto its base
             base_version = version
-            merged, _ = ray.get(self.registry.serving_weights.remote(cfg.drafter_id, version))
+            merged, _ = ray.get(self.registry.serving_weights.remote(did, version))
             student.load_weights(weights_from_bytes(merged))
-        self.distiller = OnlineDistiller(student, buffer, cfg.drafter_id, dcfg, base_version)
+        distiller = OnlineDistiller(
+            student, buffer, did, dcfg, base_version, stream=self.drafter_id
+        )
         if adapter is not None:
             student.load_adapter(*adapter)
-        self.resumed_from = version
-        self.stop_distiller = self._decision_distiller(drafter, student.vocab_size)
-        self.publishing = True
-        self.decisions: list[dict[str, Any]] = []
-        self.stop_decisions: list[dict[str, Any]] = []  # the decision model's publishes
-        self.errors = 0
-        self._run = threading.Event()
-        self._run.set()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(d,), name=f"{name}-{tag}", daemon=True)
-            for d, tag in ((self.distiller, "train"), (self.stop_distiller, "stop"))
-            if d is not None
-        ]
-        for t in self._threads:
-            t.start()
-        log.info("%s up on %s, resumed from v%d (%s)", name, device, version, kind)
+        log.info("%s: %s resumed from v%d (%s)", self.name, did, version, kind)
+        return distiller, version
 
-    def _decision_distiller(self, drafter, vocab: int) -> OnlineDistiller | None:
-        """The drafter's early-stop decision model, trained from the fields of the same
-        records through a consumer group of its own (``decision``), resumed from its live
-        version; ``None`` when the drafter has none."""
-        import ray
-
-        if drafter.stop is None:
-            return None
-        did = decision_id(self.drafter_id)
-        student = DecisionStudent(drafter.stop.net, vocab)
-        live = ray.get(self.registry.raw_weights.remote(did))
-        student.load_weights(weights_from_bytes(live["data"]))
-        return OnlineDistiller(
-            student,
-            self.buffer.for_group("decision"),
-            did,
-            self.cfg.trainer.decision,
-            stream=self.drafter_id,
-        )
-
-    # -- training threads (the drafter's; its decision model's) ----------------------------
+    # -- training threads (the drafter's; each versioned part's) ---------------------------
     def _loop(self, d: OnlineDistiller) -> None:
         import redis
 
@@ -171,7 +182,7 @@ class TrainerActor:
         if d is self.distiller:
             self.decisions.append(decision)
         else:
-            self.stop_decisions.append(decision)
+            self.part_decisions[d.drafter_id].append(decision)
 
     # -- controls ------------------------------------------------------------------------
     def pause(self) -> None:
@@ -189,8 +200,9 @@ class TrainerActor:
 
         if max_steps_per_s is not None and not max_steps_per_s > 0:
             raise ValueError(f"max_steps_per_s must be > 0 or None, got {max_steps_per_s!r}")
-        d = self.distiller
-        d.config = dataclasses.replace(d.config, max_steps_per_s=max_steps_per_s)
+        for d in [self.distiller, *self.part_distillers.values()]:
+            if d is not None:
+                d.config = dataclasses.replace(d.config, max_steps_per_s=max_steps_per_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -202,10 +214,10 @@ class TrainerActor:
         return {
             "name": self.name,
             "pid": os.getpid(),  # tells a restarted actor from the one it replaced
-            "steps": d.steps,
-            "records_seen": d.records_seen,
-            "positions_seen": d.positions_seen,
-            "skipped": d.skipped,
+            "steps": 0 if d is None else d.steps,
+            "records_seen": 0 if d is None else d.records_seen,
+            "positions_seen": 0 if d is None else d.positions_seen,
+            "skipped": 0 if d is None else d.skipped,
             "publishes": len(self.decisions),
             "promoted": sum(x["promoted"] for x in self.decisions),
             "running": self._run.is_set(),
@@ -213,12 +225,14 @@ class TrainerActor:
             "resumed_from": self.resumed_from,
             "errors": self.errors,
             "redis_outages": self.outage.count,
-            "decision_model": None
-            if self.stop_distiller is None
-            else {
-                "steps": self.stop_distiller.steps,
-                "publishes": len(self.stop_decisions),
-                "promoted": sum(x["promoted"] for x in self.stop_decisions),
+            "parts": {  # the versioned parts' own trainers (decision model, adapters)
+                did: {
+                    "steps": p.steps,
+                    "records_seen": p.records_seen,
+                    "publishes": len(self.part_decisions[did]),
+                    "promoted": sum(x["promoted"] for x in self.part_decisions[did]),
+                }
+                for did, p in self.part_distillers.items()
             },
         }
 

@@ -2,10 +2,6 @@
 across adapters), its student (each adapter trains on the records it drafted) and the
 product path — replica, trainer and registry on the zoo models — without Ray."""
 
-import json
-import time
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -217,16 +213,6 @@ def test_mixture_student_trains_each_adapter_on_the_records_it_drafted(zoo):
 # ---- the product path: replica, trainer, registry (no Ray) --------------------------------
 
 
-class _Handle:
-    """A Ray actor handle stand-in: ``handle.method.remote(...)`` calls the object."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __getattr__(self, name):
-        return SimpleNamespace(remote=getattr(self.obj, name))
-
-
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 def test_serve_trains_and_versions_a_mixture(monkeypatch):
@@ -234,94 +220,53 @@ def test_serve_trains_and_versions_a_mixture(monkeypatch):
     adapter (400 for a tag of no adapter), records carry the adapter, the trainer actor
     trains the LoRA adapters and publishes, the registry actor gates and versions the
     mixture, and the replica adopts the new version between steps."""
-    import ray
-    from fastapi.testclient import TestClient
-    from osd.actors import server
-    from osd.actors.config import ClusterConfig
-    from osd.actors.registry_actor import RegistryActor
-    from osd.actors.trainer_actor import TrainerActor
-    from test_http_guard import _servable_dependency
+    from _served import follow, served, start_trainer, wait_until
 
-    from osd.buffer import EmbeddedRedis, RedisStreamBuffer
+    from osd.buffer import RedisStreamBuffer
     from osd.buffer.redis_stream import redis_client
     from osd.distill.record import decode
 
-    with EmbeddedRedis() as redis_server:
-        cfg = ClusterConfig.from_dict(
-            {
-                "drafter": "mixture",
-                "buffer": {"url": redis_server.url, "holdout_every": 4},
-                "registry": {"gate_margin": 1.0},  # promote every candidate
-                "serve": {"drafter_options": {"domains": "math,sql", "router": "tag"}},
-                "trainer": {
-                    "distill": {"lora": True, "publish_every_steps": 2, "batch_records": 4}
-                },
-            }
-        )
-        registry = RegistryActor(cfg.to_dict())
-        monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: _Handle(registry))
-        monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
-        cls = server.OSDServer.func_or_class
-        replica = cls.__new__(cls)
-        replica.replica = "test"
-        replica._start(cfg, RedisStreamBuffer(redis_client(cfg.redis_url), consumer="test"))
-        replica.registry = _Handle(registry)
-        dep = _servable_dependency(server.api)
-        server.api.dependency_overrides[dep] = lambda: replica
-        trainer = None
-        try:
-            with TestClient(server.api, raise_server_exceptions=False) as client:
-                card = client.get("/v1/models").json()["data"][0]["osd"]
-                assert card["drafter"] == "mixture" and card["adapters"] == ["math", "sql"]
-                bad = client.post("/v1/completions", json={"prompt": "x", "domain": "prose"})
-                assert bad.status_code == 400 and "domain 'prose'" in bad.text
-                assert bad.json()["error"]["param"] == "domain"
-                for i in range(16):
-                    domain = ("math", "sql")[i % 2]
-                    body = {"prompt": PROMPTS[domain], "max_tokens": 12, "temperature": 0,
-                            "domain": domain}  # fmt: skip
-                    out = client.post("/v1/completions", json=body)
-                    assert out.status_code == 200, out.text
-                    assert out.json()["osd"]["adapter"] == domain
-                deadline = time.monotonic() + 20
-                while replica.sink.written < 16:
-                    assert time.monotonic() < deadline, "records not written"
-                    time.sleep(0.05)
-                peek = RedisStreamBuffer(redis_client(cfg.redis_url), group="peek")
-                entries = peek.read("draft", 64)
-                adapters = [decode(e.data).meta["adapter"] for e in entries]
-                assert set(adapters) == {"math", "sql"}  # each record names its adapter
+    config = {
+        "drafter": "mixture",
+        "buffer": {"holdout_every": 2},  # random request ids: ~8 of 16 held out
+        "registry": {"gate_margin": 1.0},  # promote every candidate
+        "serve": {"drafter_options": {"domains": "math,sql", "router": "tag"}},
+        "trainer": {"distill": {"lora": True, "publish_every_steps": 2, "batch_records": 4}},
+    }
+    with served(monkeypatch, config) as ns:
+        registry, replica, client = ns.registry, ns.replica, ns.client
+        card = client.get("/v1/models").json()["data"][0]["osd"]
+        assert card["drafter"] == "mixture" and card["adapters"] == ["math", "sql"]
+        bad = client.post("/v1/completions", json={"prompt": "x", "domain": "prose"})
+        assert bad.status_code == 400 and "domain 'prose'" in bad.text
+        assert bad.json()["error"]["param"] == "domain"
+        for i in range(16):
+            domain = ("math", "sql")[i % 2]
+            body = {"prompt": PROMPTS[domain], "max_tokens": 12, "temperature": 0,
+                    "domain": domain}  # fmt: skip
+            out = client.post("/v1/completions", json=body)
+            assert out.status_code == 200, out.text
+            assert out.json()["osd"]["adapter"] == domain
+        wait_until(lambda: replica.sink.written >= 16, "records not written", 20)
+        peek = RedisStreamBuffer(redis_client(ns.cfg.redis_url), group="peek")
+        entries = peek.read("draft", 64)
+        adapters = [decode(e.data).meta["adapter"] for e in entries]
+        assert set(adapters) == {"math", "sql"}  # each record names its adapter
 
-                trainer = TrainerActor(cfg.to_dict(), "osd-trainer-0")
-                deadline = time.monotonic() + 40
-                while not trainer.decisions:
-                    assert time.monotonic() < deadline, f"no publish: {trainer.stats()}"
-                    time.sleep(0.1)
-                decision = trainer.decisions[0]
-                version = decision["version"]
-                info = registry.versions("draft")[-1]
-                assert info["kind"] == "lora" and info["lora"]["base_version"] == 0
-                assert decision["promoted"] and decision["records"] >= 1  # held-out records
-                action = replica.follower.step(
-                    lambda ref: registry.poll("draft", ref),
-                    lambda v: registry.serving_weights("draft", v),
-                    lambda data, ref: registry.recover("draft", data, ref, "test"),
-                )
-                assert action == "adopt"
-                body = {"prompt": PROMPTS["sql"], "max_tokens": 12, "temperature": 0,
-                        "domain": "sql"}  # fmt: skip
-                out = client.post("/v1/completions", json=body).json()
-                assert out["osd"]["drafter_version"] == version  # adopted between steps
-                stats = client.get("/v1/osd/stats").json()
-                assert stats["failed"] == 0 and stats["swaps"][-1]["version"] == version
-                print(json.dumps(trainer.stats()))
-        finally:
-            if trainer is not None:
-                trainer.stop()
-            server.api.dependency_overrides.pop(dep, None)
-            replica.loop.stop(timeout_s=5)
-            replica.sink.close(timeout_s=5)
-            registry.stop()
+        trainer = start_trainer(ns)
+        wait_until(lambda: trainer.decisions, lambda: f"no publish: {trainer.stats()}")
+        decision = trainer.decisions[0]
+        version = decision["version"]
+        info = registry.versions("draft")[-1]
+        assert info["kind"] == "lora" and info["lora"]["base_version"] == 0
+        assert decision["promoted"] and decision["records"] >= 1  # held-out records
+        assert follow(replica.follower, registry, "draft") == "adopt"
+        body = {"prompt": PROMPTS["sql"], "max_tokens": 12, "temperature": 0,
+                "domain": "sql"}  # fmt: skip
+        out = client.post("/v1/completions", json=body).json()
+        assert out["osd"]["drafter_version"] == version  # adopted between steps
+        stats = client.get("/v1/osd/stats").json()
+        assert stats["failed"] == 0 and stats["swaps"][-1]["version"] == version
 
 
 # ---- the experiment's figures, on a synthetic run ----------------------------------------
@@ -376,4 +321,5 @@ def test_the_mixture_topology_loads():
         "router": "tag",
         "explore": 0.05,
         "home": 0.1,
+        "versioning": "adapter",
     }

@@ -12,7 +12,7 @@ many sequences at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,26 @@ class StepResult:
         return self.accept.num_accepted
 
 
+@dataclass(frozen=True)
+class VersionedPart:
+    """A part of a drafter with registry versions of its own (:meth:`Drafter.parts`): the
+    early-stop decision model, or one adapter of a mixture versioned per adapter.
+
+    ``module`` has the drafter's weight surface (``version``, ``state_dict()``,
+    ``load_state_dict(state_dict, version)``); its registry id is the drafter's id +
+    ``suffix``; ``student(vocab_size)`` is what a trainer trains (in place on ``module``)
+    and the gate scores; its trainer reads the drafter's record stream through the
+    consumer group ``group`` (every group gets every record); ``distill`` names the
+    trainer settings it takes (``"distill"``: the drafter's, ``"decision"``: the decision
+    model's)."""
+
+    suffix: str
+    module: Any
+    student: Callable[[int], Any]
+    group: str
+    distill: str = "distill"
+
+
 class Drafter:
     """Base class: a drafter that proposes nothing (plain target decoding)."""
 
@@ -125,6 +145,23 @@ class Drafter:
             self.observe(s, r)
 
     # weight surface swapped by the registry
+    # False: trainers train only its parts, the drafter's own id stays at its base version
+    trains_whole = True
+
+    def parts(self) -> dict[str, VersionedPart]:
+        """Parts versioned under ids of their own (by part name); the decision model's,
+        ``"stop"``, when the drafter has one."""
+        if self.stop is None:
+            return {}
+        from osd.distill.decision import SUFFIX, DecisionStudent
+
+        net = self.stop.net
+        return {
+            "stop": VersionedPart(
+                SUFFIX, self.stop, lambda vocab: DecisionStudent(net, vocab), "decision", "decision"
+            )
+        }
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 

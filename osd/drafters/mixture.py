@@ -17,10 +17,18 @@ Lossless as every drafter: the target verifies whatever an adapter proposes (gre
 Batched: a batch of sequences is split by route, each adapter drafts its group in one
 call, and the trees go back in the batch's order.
 
-Weights: the mixture's ``state_dict`` holds every adapter's under its name,
-``"<domain>.<the draft's own name>"``, so the registry versions the mixture as one drafter
-id (each version holds every adapter; a LoRA version each adapter's LoRA tensors on the
-same base version), and a replica adopts all adapters of a version at once.
+Weights, two ways (``versioning``):
+
+- ``mixture`` (default): the mixture's ``state_dict`` holds every adapter's under its
+  name, ``"<domain>.<the draft's own name>"``, so the registry versions the mixture as one
+  drafter id (each version holds every adapter; a LoRA version each adapter's LoRA tensors
+  on the same base version), and a replica adopts all adapters of a version at once;
+- ``adapter``: each adapter is a :class:`~osd.drafters.base.VersionedPart` with registry
+  versions of its own, ``<drafter_id>-<domain>``: a trainer per adapter
+  (:class:`AdapterStudent`, trained only on the records that adapter drafted, read through
+  a consumer group of its own), a gate per adapter (on the held-out records it drafted),
+  and replicas adopt each adapter's versions as they come; the mixture's own id stays at
+  its base version.
 """
 
 from __future__ import annotations
@@ -36,12 +44,19 @@ from torch import Tensor, nn
 
 from osd.distill.record import DistillRecord
 from osd.distill.student import CausalLMStudent, Student
-from osd.drafters.base import DecodeState, Drafter, StepResult
+from osd.drafters.base import DecodeState, Drafter, StepResult, VersionedPart
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.drafters.router import Router
 from osd.specdec.tree import TokenTree
 
-__all__ = ["MixtureDrafter", "MixtureStudent", "build_mixture", "parse_domains"]
+__all__ = [
+    "AdapterStudent",
+    "MixtureDrafter",
+    "MixtureStudent",
+    "build_mixture",
+    "parse_domains",
+    "record_adapter",
+]
 
 DEFAULT_DOMAINS = "math,sql,code"
 _NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
@@ -81,12 +96,16 @@ class MixtureDrafter(Drafter):
 
     name = "mixture"
 
-    def __init__(self, adapters: Mapping[str, DraftModelDrafter], router: Router) -> None:
+    def __init__(
+        self, adapters: Mapping[str, DraftModelDrafter], router: Router, per_adapter: bool = False
+    ) -> None:
         super().__init__()
         if list(adapters) != router.adapters:
             raise ValueError(f"router adapters {router.adapters} != {list(adapters)}")
         self.adapters = dict(adapters)
         self.router = router
+        self.per_adapter = per_adapter
+        self.trains_whole = not per_adapter
         self._open: dict[int, _Open] = {}  # id(state) -> its feedback, until it finishes
 
     @property
@@ -160,6 +179,19 @@ class MixtureDrafter(Drafter):
         return [(name, out[name]) for name in self.adapters if name in out]
 
     # -- weights ---------------------------------------------------------------------------
+    def parts(self) -> dict[str, VersionedPart]:
+        """Per-adapter versioning: one part per adapter, ``adapter:<domain>``."""
+        if not self.per_adapter:
+            return super().parts()
+
+        def student(name: str):
+            return lambda vocab: AdapterStudent(self.adapters[name].model, name)
+
+        return {
+            f"adapter:{name}": VersionedPart(f"-{name}", sub, student(name), f"adapter-{name}")
+            for name, sub in self.adapters.items()
+        }
+
     def state_dict(self) -> dict[str, Tensor]:
         return {
             f"{name}.{key}": value
@@ -201,10 +233,7 @@ class MixtureStudent(Student):
         super().__init__(nn.ModuleDict(dict(models)), first.vocab_size, first.context)
 
     def adapter_of(self, record: DistillRecord) -> str | None:
-        name = record.meta.get("adapter")
-        if name in self.parts:
-            return str(name)
-        return record.domain if record.domain in self.parts else None
+        return record_adapter(record, self.parts)
 
     def predictable(self, record: DistillRecord, max_len: int | None = None) -> int:
         if self.adapter_of(record) is None:
@@ -227,6 +256,39 @@ class MixtureStudent(Student):
         return out  # type: ignore[return-value]
 
 
+def record_adapter(record: DistillRecord, names) -> str | None:
+    """The adapter of ``names`` that drafted ``record``: ``meta["adapter"]``, else its
+    ``domain`` when that names one; ``None`` otherwise."""
+    name = record.meta.get("adapter")
+    if name in names:
+        return str(name)
+    return record.domain if record.domain in names else None
+
+
+class AdapterStudent(CausalLMStudent):
+    """One adapter of a mixture versioned on its own (``versioning: adapter``): its model,
+    predicting only the records it drafted (others: 0 positions, acked and skipped)."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__(model)
+        self.name = name
+
+    def predictable(self, record: DistillRecord, max_len: int | None = None) -> int:
+        if record_adapter(record, (self.name,)) is None:
+            return 0
+        return super().predictable(record, max_len)
+
+    def predict(self, records: Sequence[DistillRecord], max_len: int | None = None) -> list[Tensor]:
+        mine = [i for i, r in enumerate(records) if record_adapter(r, (self.name,))]
+        out = [torch.zeros(0, self.vocab_size, device=self.device) for _ in records]
+        if mine:
+            for i, p in zip(
+                mine, super().predict([records[i] for i in mine], max_len), strict=True
+            ):
+                out[i] = p
+        return out
+
+
 def build_mixture(
     target=None,
     draft=None,
@@ -235,19 +297,27 @@ def build_mixture(
     router: str = "tag",
     explore: float = 0.05,
     home: float = 0.1,
+    versioning: str = "mixture",
 ) -> MixtureDrafter:
     """A mixture of ``domains`` adapters of ``draft`` (the first adapter drafts with
     ``draft`` itself, the others with copies), chain length ``k``; ``router``: ``tag``
     (a request's domain tag, else learned) or ``learned`` (tags ignored); ``explore`` and
-    ``home``: the learned router's exploration bonus and its home margin."""
+    ``home``: the learned router's exploration bonus and its home margin; ``versioning``:
+    ``mixture`` (one registry id) or ``adapter`` (an id per adapter; module docstring)."""
     if draft is None:
         raise ValueError("drafter 'mixture' needs a draft model (--draft zoo:draft)")
+    if versioning not in ("mixture", "adapter"):
+        raise ValueError(f"versioning must be 'mixture' or 'adapter', got {versioning!r}")
     names = parse_domains(domains)
     adapters = {
         name: DraftModelDrafter(draft if i == 0 else copy.deepcopy(draft), k=k)
         for i, name in enumerate(names)
     }
-    return MixtureDrafter(adapters, Router(names, mode=router, explore=explore, home=home))
+    return MixtureDrafter(
+        adapters,
+        Router(names, mode=router, explore=explore, home=home),
+        per_adapter=versioning == "adapter",
+    )
 
 
 def mixture_student(drafter: Drafter) -> Student:

@@ -122,7 +122,7 @@ class SwapEvent:
     pause_s: float  # decode loop blocked while loading the weights
     waited_s: float  # offered → adopted (the step in progress finished first)
     in_flight: int  # sequences active at the swap (none was dropped)
-    part: str = "drafter"  # what was swapped: the drafter, or its decision model ("stop")
+    part: str = "drafter"  # what was swapped: the drafter, or one of its parts (``stop``, …)
 
 
 def visible_text(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -267,9 +267,10 @@ class ServingLoop:
     def offer_weights(
         self, state_dict: dict[str, torch.Tensor], version: int, part: str = "drafter"
     ) -> None:
-        """Hand over new weights of ``part`` (the drafter, or ``"stop"``: its early-stop
-        decision model); adopted before the next step (a newer offer of the same part that
-        arrives first replaces this one)."""
+        """Hand over new weights of ``part`` (the drafter, or one of its versioned
+        :meth:`~osd.drafters.base.Drafter.parts`: ``"stop"``, ``"adapter:<domain>"``);
+        adopted before the next step (a newer offer of the same part that arrives first
+        replaces this one)."""
         self._module(part)  # raises for a part this drafter does not have
         with self._cond:
             self._offer[part] = (state_dict, version, time.perf_counter())
@@ -294,9 +295,10 @@ class ServingLoop:
     def _module(self, part: str):
         if part == "drafter":
             return self.decoder.drafter
-        if part == "stop" and self.decoder.drafter.stop is not None:
-            return self.decoder.drafter.stop
-        raise ValueError(f"drafter {self.decoder.drafter.name!r} has no part {part!r}")
+        parts = self.decoder.drafter.parts()
+        if part not in parts:
+            raise ValueError(f"drafter {self.decoder.drafter.name!r} has no part {part!r}")
+        return parts[part].module
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
