@@ -230,18 +230,18 @@ def run_load(target, draft, tok, args) -> list[dict]:
 
 def goals(report: dict) -> dict:
     m, load = report["methods"], report["load"]
-    base, imp, dec = m[BASELINE], m[IMPROVED], m[DECISION]
-    out = {
-        "improved_acceptance_gain": imp["mcsd_acceptance"] / base["mcsd_acceptance"] - 1,
-        "improved_tokens_per_s_gain": imp["tokens_per_s"] / base["tokens_per_s"] - 1,
-        "decision_wasted_cut": 1 - dec["wasted_draft_tokens"] / imp["wasted_draft_tokens"],
-        "decision_tokens_per_s_ratio": dec["tokens_per_s"] / imp["tokens_per_s"],
-    }
-    out["met_acceptance_+50%"] = out["improved_acceptance_gain"] >= 0.5
-    out["met_tokens_per_s_+20%"] = out["improved_tokens_per_s_gain"] >= 0.2
-    out["met_decision_cut_30%_at_equal_speed"] = (
-        out["decision_wasted_cut"] >= 0.3 and out["decision_tokens_per_s_ratio"] >= 1.0
-    )
+    out: dict = {}
+    if m:  # not with --skip-methods
+        base, imp, dec = m[BASELINE], m[IMPROVED], m[DECISION]
+        out["improved_acceptance_gain"] = imp["mcsd_acceptance"] / base["mcsd_acceptance"] - 1
+        out["improved_tokens_per_s_gain"] = imp["tokens_per_s"] / base["tokens_per_s"] - 1
+        out["decision_wasted_cut"] = 1 - dec["wasted_draft_tokens"] / imp["wasted_draft_tokens"]
+        out["decision_tokens_per_s_ratio"] = dec["tokens_per_s"] / imp["tokens_per_s"]
+        out["met_acceptance_+50%"] = out["improved_acceptance_gain"] >= 0.5
+        out["met_tokens_per_s_+20%"] = out["improved_tokens_per_s_gain"] >= 0.2
+        out["met_decision_cut_30%_at_equal_speed"] = (
+            out["decision_wasted_cut"] >= 0.3 and out["decision_tokens_per_s_ratio"] >= 1.0
+        )
     by_c = {row["concurrency"]: row for row in load}
     if 32 in by_c:
         r = by_c[32]["tokens_per_s_adaptive"] / by_c[32]["tokens_per_s_off"]
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serving-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--skip-methods", action="store_true", help="the serving sweep only")
     args = ap.parse_args(argv)
     args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     report: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}}
     report["config"]["json"] = str(args.json)
-    report["methods"] = run_methods(target, draft, tok, args)
+    report["methods"] = {} if args.skip_methods else run_methods(target, draft, tok, args)
     report["load"] = [] if args.skip_load else run_load(target, draft, tok, args)
     report["goals"] = goals(report)
     report["wall_s"] = time.time() - t0

@@ -104,3 +104,17 @@ def test_load_aware_switches_speculation_off_when_verification_grows_with_the_ba
     assert big.goodput(0, 32) > big.goodput(4, 32)
     _, v0, v1 = big.costs(32)
     assert v0 == pytest.approx(5.75 + 0.25 * 32, rel=0.1) and v1 == pytest.approx(8.0, rel=0.2)
+
+
+def test_exploration_backs_off_in_a_settled_regime_and_restarts_when_it_moves():
+    """At batch 32 with speculation off, exploring a neighbour every 16 steps was the whole
+    gap to plain decoding (issue 11); the gap doubles while the best depth stays put."""
+    big = simulate_load(32, alpha=0.33, steps=1000)
+    assert big.best_k(32) == 0
+    assert big.explored <= 8  # 16, 32, 64, 128, 256, 256, 256: not 1000 / 16 = 62
+    ctl = SpeculationController(k_max=6)
+    ctl._explored_best, ctl._gap = 0, 128  # settled at depth 0 ...
+    ctl._next = 1
+    ctl.best_k = lambda batch=1: 3  # ... then the best depth moves
+    ctl.depth()
+    assert ctl._gap == ctl.explore_every  # exploring often again

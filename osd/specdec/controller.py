@@ -90,6 +90,7 @@ class SpeculationController:
         alpha_prior: float = 0.6,
         decay: float = 0.98,
         explore_every: int = 16,
+        explore_max: int = 256,
     ) -> None:
         if not 0 <= k_min <= k_max or k_max < 1:
             raise ValueError(f"need 0 ≤ k_min ≤ k_max, k_max ≥ 1; got k_min={k_min}, k_max={k_max}")
@@ -97,6 +98,11 @@ class SpeculationController:
             raise ValueError(f"alpha_prior must be in (0, 1), got {alpha_prior}")
         self.k_min, self.k_max = k_min, k_max
         self.explore_every = explore_every
+        self.explore_max = max(explore_every, explore_max)
+        self._gap = explore_every  # steps until the next exploration (backs off)
+        self._next = explore_every
+        self._explored_best: int | None = None
+        self.explored = 0  # steps that drafted a neighbour of the best depth
         self._acc = _Decayed(decay)  # y = accepted per sequence step
         self._trials = _Decayed(decay)  # y = positions reached
         self._draft = _Decayed(decay)  # ms per draft level vs batch size
@@ -143,9 +149,18 @@ class SpeculationController:
         self._steps += 1
         self.batch = batch
         best = self.best_k(batch)
-        # now and then try a neighbour so the cost lines see more than one point
-        if self.explore_every and self._steps % self.explore_every == 0:
+        # now and then try a neighbour so the cost lines see more than one point; back off
+        # (double the gap, up to explore_max) while each exploration finds the same best
+        # depth — a settled regime, where an explored step is pure cost (at batch 32 one
+        # speculating step verifies 2–5 tokens per sequence and the draft catches up on
+        # everything since it last ran) — and start over when the best depth moves
+        if self.explore_every and self._steps >= self._next:
+            same = best == self._explored_best
+            self._gap = min(2 * self._gap, self.explore_max) if same else self.explore_every
+            self._explored_best = best
+            self._next = self._steps + self._gap
             best = min(self.k_max, best + 1) if best < self.k_max else best - 1
+            self.explored += 1
         self.k = max(self.k_min, best)
         return self.k
 
