@@ -94,6 +94,10 @@ class RequestLog:
     accepted_online: int
     proposed_frozen: int
     accepted_frozen: int
+    # target verification steps each needed for the same ``emitted`` tokens (τ = ÷)
+    steps_online: int = 0
+    steps_frozen: int = 0
+    emitted: int = 0
 
 
 @dataclass
@@ -204,8 +208,9 @@ def run_online(
             state, f"req-{req.index}", DRAFTER_ID, serving.version, domain=req.domain
         )
         hidden = _hidden(target, state.tokens) if heads else None
+        logits = _logits(target, state.tokens) if frozen.defers_bonus else None
         frozen_stats = replay_greedy(
-            frozen, state.tokens, state.prompt_len, serving.k, hidden=hidden
+            frozen, state.tokens, state.prompt_len, serving.k, hidden=hidden, logits=logits
         )
         entry = RequestLog(
             req.index,
@@ -217,6 +222,9 @@ def run_online(
             stats.accepted,
             frozen_stats.proposed,
             frozen_stats.accepted,
+            stats.steps,
+            frozen_stats.steps,
+            stats.emitted,
         )
         result.requests.append(entry)
         if rec is not None:
@@ -257,6 +265,12 @@ def run_online(
 def _hidden(target, tokens: list[int]) -> torch.Tensor:
     """The target's last hidden states over ``tokens`` (what a frozen head replay reads)."""
     return target.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+
+
+@torch.inference_mode()
+def _logits(target, tokens: list[int]) -> torch.Tensor:
+    """The target's logits over ``tokens``: the kept rows a target-initialised replay reads."""
+    return target(input_ids=torch.tensor([tokens])).logits[0]
 
 
 def _drafter(cfg: OnlineConfig, target, draft) -> Drafter:

@@ -10,6 +10,11 @@ on the same stream at a fraction of the cost.
 Worked example — prompt ``[1]``, known output ``[5, 6, 7, 8]``, a drafter that always
 proposes the chain ``5 → 6 → 9``: step 1 accepts ``5, 6``, rejects ``9`` and emits the
 recovered ``7``; step 2 has one token left, drafts nothing and emits ``8``. α = 2/3, τ = 2.
+
+A target-initialised drafter (``defers_bonus``, improved MCSD) needs the target's rows
+(``logits``): as in the engine, a step that accepted a token emits the accepted ones only
+and keeps the next token's target row in ``DecodeState.pending`` for the next tree's first
+level.
 """
 
 from __future__ import annotations
@@ -42,13 +47,19 @@ def replay_greedy(
     max_depth: int = 64,
     stats: DecodeStats | None = None,
     hidden: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
 ) -> DecodeStats:
     """Acceptance counters ``drafter`` would get decoding ``tokens[prompt_len:]`` greedily.
 
     ``hidden`` ``[len(tokens), H]``: the target's last hidden states over ``tokens`` (one
     forward), for a drafter that reads them (head drafters): the replay hands it the rows
     the engine would (``DecodeState.target_hidden``: the prefix at the start, then the root
-    and the accepted path)."""
+    and the accepted path).
+
+    ``logits`` ``[len(tokens), V]``: the target's logits over ``tokens`` (one forward), for
+    a drafter that ``defers_bonus``: its pending rows."""
+    if drafter.defers_bonus and logits is None:
+        raise ValueError(f"replaying {drafter.name!r} (target-initialised) needs the target logits")
     stats = stats if stats is not None else DecodeStats()
     output = tokens[prompt_len:]
     state = DecodeState(
@@ -62,10 +73,15 @@ def replay_greedy(
     drafter.start(state)
     while state.tokens_left > 0:
         future = output[state.new_tokens :]
-        depth = min(max_depth, len(future) - 1)
+        kept = state.pending is not None  # the first level is that token: one deeper
+        depth = min(max_depth, len(future) - (0 if kept else 1))
         tree = drafter.propose(state, depth) if depth > 0 else TokenTree.empty()
         result = accept_greedy(tree.tokens, tree.parents, _known_argmax(tree, future))
-        emitted = result.emitted_tokens
+        defer = drafter.defers_bonus and bool(result.path)
+        emitted = result.accepted_tokens if defer else result.emitted_tokens
+        state.pending = None
+        if defer and len(emitted) < len(future):
+            state.pending = logits[len(state.tokens) + len(emitted) - 1]
         if hidden is not None:  # root + accepted path, as the engine commits them
             state.target_hidden = hidden[
                 len(state.tokens) - 1 : len(state.tokens) + len(emitted) - 1
