@@ -12,15 +12,30 @@ on the same tokens:
 Per run: α over time (online and frozen), **time to recover** (requests after a shift
 until α is back within 0.05 of its pre-shift level, :func:`osd.metrics.time_to_recover`,
 a trailing window of 20), the **final gain** (online − frozen α over the last 50
-requests) and, on ``return``, **forgetting** (α on instruct at the end of its first phase
-minus its first 30 requests after the return; > 0 means the online drafter forgot).
+requests), τ over the last 50 (tokens per target step; the same tokens, so online vs frozen
+is a speed-up) and, on ``return``, **forgetting** (α on instruct at the end of its first
+phase minus its first 30 requests after the return; > 0 means the online drafter forgot).
+
+α alone misleads where the tree depth is not fixed: improved MCSD's first level is the
+target's own token (always accepted, greedy) and its decision model cuts a poor draft's
+trees right after it, so a useless draft scores α ≈ 1 at τ ≈ 1.
+
+A family is a registered trainable drafter (``osd.drafters``) or a named configuration of
+one (:data:`VARIANTS`): ``mcsd`` is improved MCSD, the draft model with a
+target-initialised tree and the early-stop decision model (``experiments/mcsd.py``'s
+"improved + decision"), trained online exactly as ``draft_model``.
 
     python experiments/drift.py --json drift.json --plot drift.png
     python experiments/drift.py --drafters draft_model,medusa --n 180 --json d.json --plot d.png
+    python experiments/drift.py --drafters mcsd --n 150 --merge docs/drift.json \
+        --json docs/drift.json --plot docs/drift.png
 
-Writes ``{"runs": {"<drafter>/<schedule>": {...}}, "config": {...}}`` and a grid of α
-curves (rows: drafters, columns: schedules). Runs are independent and sequential; on a
-2-core CPU one run of 240 requests takes 5–15 min.
+Writes ``{"runs": {"<family>/<schedule>": {...}}, "config": {...}}`` and a grid of α
+curves (rows: families, columns: schedules). ``--merge FILE`` (repeatable) keeps the runs
+of earlier result files made at the same settings — this invocation's runs replace those
+of the same key — so families can be run separately (or in parallel, each to its own
+``--json``) and combined; with ``--drafters ''`` it only merges and redraws. Runs are
+independent and sequential; on a 2-core CPU one run of 240 requests takes 5–15 min.
 """
 
 from __future__ import annotations
@@ -39,8 +54,53 @@ SCHEDULES = {
         [n // 3, 2 * n // 3],
     ),
 }
-FAMILIES = "draft_model,medusa,koala-medusa,eagle,koala-eagle,recurrent"
+# families that are a configuration of a registered drafter: name → (drafter, its options)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # improved MCSD (experiments/mcsd.py, "improved + decision"): the target's argmax as the
+    # first level, the 4,2,2 k-config drafted below it, trees cut by the decision model
+    "mcsd": ("draft_model", {"tree": "1,4,2,2", "target_init": True, "early_stop": 0.5}),
+}
+FAMILIES = "draft_model,mcsd,medusa,koala-medusa,eagle,koala-eagle,recurrent"
 WINDOW, BEFORE, LAST = 20, 30, 50
+# settings every merged run must share (else their rows are not comparable)
+SHARED = ("n", "max_new_tokens", "steps_per_request", "lr", "seed", "data_dir")
+
+
+def family(name: str) -> tuple[str, dict]:
+    """The registered drafter a family runs and its options.
+
+    >>> family("mcsd")[0], family("koala-eagle")
+    ('draft_model', ('koala-eagle', {}))
+    """
+    drafter, options = VARIANTS.get(name, (name, {}))
+    return drafter, dict(options)
+
+
+def ordered(names) -> list[str]:
+    """Families in :data:`FAMILIES` order, any others after them (first seen first)."""
+    known = FAMILIES.split(",")
+    return sorted(dict.fromkeys(names), key=lambda n: known.index(n) if n in known else len(known))
+
+
+def merge(doc: dict, paths: list[Path], args) -> list[str]:
+    """Add the runs of the result files ``paths`` to ``doc`` (keys it holds win); their
+    :data:`SHARED` settings must be this invocation's. Returns the families merged."""
+    families = []
+    for path in paths:
+        old = json.loads(path.read_text())
+        cfg = old.get("config", {})
+        for key in SHARED:
+            mine = getattr(args, key)
+            mine = str(mine) if isinstance(mine, Path) else mine
+            if cfg.get(key) != mine:
+                raise SystemExit(
+                    f"{path}: runs made with {key}={cfg.get(key)!r}, this run has {mine!r}; "
+                    "rows at different settings cannot share a table"
+                )
+        for key, run in old["runs"].items():
+            doc["runs"].setdefault(key, run)
+            families.append(key.split("/")[0])
+    return families
 
 
 def summarise_run(rows, shifts: list[int], schedule: str) -> dict:
@@ -56,6 +116,9 @@ def summarise_run(rows, shifts: list[int], schedule: str) -> dict:
             for s, end in zip(shifts, ends, strict=True)
         ]
         out[f"alpha_last_{name}"] = pooled_alpha(rows[-LAST:], counts)
+        steps = sum(getattr(r, f"steps_{name}") for r in rows[-LAST:])
+        if steps:  # τ: tokens per target step (rows logged before steps were: none)
+            out[f"tau_last_{name}"] = sum(r.emitted for r in rows[-LAST:]) / steps
         out[f"alpha_{name}"] = [pooled_alpha([r], counts) for r in rows]
     out["final_gain"] = (out["alpha_last_online"] or 0.0) - (out["alpha_last_frozen"] or 0.0)
     if schedule == "return":
@@ -69,7 +132,7 @@ def summarise_run(rows, shifts: list[int], schedule: str) -> dict:
     return out
 
 
-def run_one(drafter: str, schedule: str, args) -> dict:
+def run_one(name: str, schedule: str, args) -> dict:
     import torch
 
     from osd.buffer import MemoryBuffer
@@ -77,12 +140,14 @@ def run_one(drafter: str, schedule: str, args) -> dict:
     from osd.online import REPLAY_DISTILL, OnlineConfig, run_online
 
     spec, shifts = SCHEDULES[schedule](args.n)
+    drafter, options = family(name)
     torch.manual_seed(args.seed)
     target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
     tok = load_tokenizer("zoo:target")
     distill = REPLAY_DISTILL if args.lr is None else replace(REPLAY_DISTILL, lr=args.lr)
     cfg = OnlineConfig(
         drafter=drafter,
+        drafter_options=options,
         schedule=spec,
         n=args.n,
         seed=args.seed,
@@ -95,6 +160,8 @@ def run_one(drafter: str, schedule: str, args) -> dict:
     run = summarise_run(result.requests, shifts, schedule)
     promoted = sum(bool(v["promoted"]) for v in result.versions)
     run.update(schedule_spec=spec, wall_s=time.perf_counter() - t0, promoted=promoted)
+    if options:
+        run.update(drafter=drafter, drafter_options=options)
     run["published"] = len(result.versions)
     return run
 
@@ -119,6 +186,9 @@ def plot(runs: dict, drafters: list[str], schedules: list[str], path: Path) -> N
             ax.set_title(f"{d} · {s}", fontsize=9)
             if run is None:
                 continue
+            if "tau_last_online" in run:  # where α alone misleads (module docstring)
+                tau = f"τ on/fr {run['tau_last_online']:.2f}/{run['tau_last_frozen']:.2f}"
+                ax.set_title(f"{d} · {s} · {tau}", fontsize=9)
             for name, color in (("online", "C0"), ("frozen", "C7")):
                 a = np.array([np.nan if x is None else x for x in run[f"alpha_{name}"]])
                 k = np.ones(WINDOW) / WINDOW
@@ -142,7 +212,8 @@ def print_summary(runs: dict) -> None:
     from rich.table import Table
 
     table = Table(title="drift: online vs frozen")
-    for col in ("run", "recover online", "recover frozen", "final gain", "forgetting on/fr"):
+    cols = ("run", "recover online", "recover frozen", "final gain", "τ on/fr", "forgetting on/fr")
+    for col in cols:
         table.add_column(col, justify="right" if col != "run" else "left", no_wrap=True)
     fmt = lambda xs: ", ".join("never" if x is None else str(x) for x in xs)  # noqa: E731
     for key, r in runs.items():
@@ -156,6 +227,9 @@ def print_summary(runs: dict) -> None:
             fmt(r["recover_online"]),
             fmt(r["recover_frozen"]),
             f"{r['final_gain']:+.3f}",
+            f"{r['tau_last_online']:.2f} / {r['tau_last_frozen']:.2f}"
+            if "tau_last_online" in r
+            else "–",
             forget,
         )
     Console().print(table)
@@ -163,7 +237,11 @@ def print_summary(runs: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--drafters", default=FAMILIES, help="comma-separated trainable drafters")
+    ap.add_argument(
+        "--drafters",
+        default=FAMILIES,
+        help=f"comma-separated families: trainable drafters or {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--schedules", default=",".join(SCHEDULES), help="abrupt,gradual,return")
     ap.add_argument("--n", type=int, default=240, help="requests per run")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -173,30 +251,60 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, required=True, help="results (rewritten after each run)")
     ap.add_argument("--plot", type=Path, required=True)
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="keep the runs of this earlier result file (repeatable; same settings)",
+    )
     args = ap.parse_args()
     from osd.drafters import drafter_spec
 
     drafters = [d for d in args.drafters.split(",") if d]
     schedules = [s for s in args.schedules.split(",") if s]
+    if not drafters and not args.merge:
+        ap.error("no drafters to run and nothing to --merge")
     for d in drafters:
         try:
-            if not drafter_spec(d).trainable:
+            if not drafter_spec(family(d)[0]).trainable:
                 ap.error(f"drafter {d!r} has nothing to train online")
         except ValueError as err:
-            ap.error(str(err))
+            ap.error(f"{err} (or a variant: {', '.join(VARIANTS)})")
     for s in schedules:
         if s not in SCHEDULES:
             ap.error(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    doc: dict = {"runs": {}, "config": config}
+    config["merge"] = [str(p) for p in args.merge]
+    merge({"runs": {}}, args.merge, args)  # settings checked before any run, not after
+    new: dict = {}
     for d in drafters:
         for s in schedules:
             print(f"· {d} on {s} ({args.n} requests) …", flush=True)
-            doc["runs"][f"{d}/{s}"] = run_one(d, s, args)
-            args.json.write_text(json.dumps(doc, indent=1) + "\n")
-            plot(doc["runs"], drafters, schedules, args.plot)
-    print_summary(doc["runs"])
+            new[f"{d}/{s}"] = run_one(d, s, args)
+            _write(new, drafters, schedules, config, args)
+    if not drafters:
+        _write(new, drafters, schedules, config, args)
+    print_summary(json.loads(args.json.read_text())["runs"])
     print(f"wrote {args.json} and {args.plot}")
+
+
+def _write(new: dict, drafters: list[str], schedules: list[str], config: dict, args) -> None:
+    """The results so far, merged with ``--merge``'s, to ``--json``; the figure of them all."""
+    doc: dict = {"runs": dict(new), "config": dict(config)}
+    families = ordered([*drafters, *merge(doc, args.merge, args)])
+    asked = schedules if drafters else []  # only merging: the schedules of the runs
+    used = [s for s in SCHEDULES if s in asked or any(k.endswith(f"/{s}") for k in doc["runs"])]
+    doc["runs"] = {
+        f"{d}/{s}": doc["runs"][f"{d}/{s}"]
+        for d in families
+        for s in used
+        if f"{d}/{s}" in doc["runs"]
+    }
+    doc["config"].update(drafters=",".join(families), schedules=",".join(used))
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc["runs"], families, used, args.plot)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ def test_drift_figures_on_a_synthetic_return_run():
     assert len(run["alpha_online"]) == 120
 
 
+def test_drift_tau_from_the_steps_each_drafter_needed():
+    from dataclasses import replace
+
+    rows = [
+        replace(_log(i, "sql", 9, 9), steps_online=8, steps_frozen=16, emitted=32)
+        for i in range(60)
+    ]
+    run = summarise_run(rows, [20], "abrupt")
+    assert run["alpha_last_online"] == run["alpha_last_frozen"]  # α equal, τ not
+    assert run["tau_last_online"] == pytest.approx(4.0)
+    assert run["tau_last_frozen"] == pytest.approx(2.0)
+    assert "tau_last_online" not in summarise_run(
+        [_log(i, "sql", 9, 9) for i in range(60)], [20], "abrupt"
+    )
+
+
 def test_drift_schedules_put_the_shift_where_they_say():
     from osd.workloads.schedule import parse_schedule
 
@@ -43,6 +59,62 @@ def test_drift_schedules_put_the_shift_where_they_say():
         first = mix.probs(0)
         assert mix.probs(shifts[0] - 1) == first, name
         assert mix.probs(shifts[0] + 1) != first, name
+
+
+def test_drift_variants_are_options_of_a_trainable_drafter():
+    from drift import FAMILIES, VARIANTS, family
+
+    from osd.drafters import drafter_spec
+
+    for name in FAMILIES.split(","):
+        drafter, options = family(name)
+        spec = drafter_spec(drafter)
+        assert spec.trainable, name
+        assert set(options) <= set(spec.options()), name
+    assert family("mcsd") == ("draft_model", VARIANTS["mcsd"][1])
+    assert family("mcsd")[1]["target_init"] is True
+
+
+def _drift_doc(families, n=120, schedules=("abrupt", "return")):
+    rows = [_log(i, "instruct", 8, 8) for i in range(n // 3)]
+    rows += [_log(n // 3 + i, "sql", 5, 2) for i in range(n // 3)]
+    rows += [_log(2 * n // 3 + i, "instruct", 7, 8) for i in range(n - 2 * (n // 3))]
+    runs = {}
+    for f in families:
+        for s in schedules:
+            runs[f"{f}/{s}"] = summarise_run(rows, SCHEDULES[s](n)[1], s)
+    config = {"n": n, "max_new_tokens": 32, "steps_per_request": 2, "lr": None, "seed": 0}
+    return {"runs": runs, "config": {**config, "data_dir": None}}
+
+
+def test_drift_merge_keeps_earlier_runs_and_draws_every_family(tmp_path, monkeypatch):
+    import json
+
+    import drift
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_drift_doc(["draft_model", "medusa"])))
+    new.write_text(json.dumps(_drift_doc(["koala-eagle", "mcsd"], schedules=("abrupt",))))
+    out, png = tmp_path / "all.json", tmp_path / "all.png"
+    argv = ["drift.py", "--drafters", "", "--n", "120", "--json", str(out), "--plot", str(png)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--merge", str(old), "--merge", str(new)])
+    drift.main()
+    doc = json.loads(out.read_text())
+    assert list(doc["runs"]) == [  # FAMILIES order, then schedule order
+        "draft_model/abrupt",
+        "draft_model/return",
+        "mcsd/abrupt",
+        "medusa/abrupt",
+        "medusa/return",
+        "koala-eagle/abrupt",
+    ]
+    assert doc["config"]["drafters"] == "draft_model,mcsd,medusa,koala-eagle"
+    assert doc["config"]["schedules"] == "abrupt,return"
+    assert png.stat().st_size > 0
+    # rows made at other settings are refused before anything runs
+    monkeypatch.setattr(sys, "argv", [*argv[:4], "99", *argv[5:], "--merge", str(old)])
+    with pytest.raises(SystemExit, match="n=120"):
+        drift.main()
 
 
 def test_cost_rows_average_rounds_and_compare_with_the_trainer_off():
