@@ -231,7 +231,7 @@ def test_serve_trains_and_versions_a_mixture(monkeypatch):
         "buffer": {"holdout_every": 2},  # random request ids: ~8 of 16 held out
         "registry": {"gate_margin": 1.0},  # promote every candidate
         "serve": {"drafter_options": {"domains": "math,sql", "router": "tag"}},
-        "trainer": {"distill": {"lora": True, "publish_every_steps": 2, "batch_records": 4}},
+        "trainer": {"distill": {"lora": True, "publish_every_steps": 1, "batch_records": 4}},
     }
     with served(monkeypatch, config) as ns:
         registry, replica, client = ns.registry, ns.replica, ns.client
@@ -264,9 +264,11 @@ def test_serve_trains_and_versions_a_mixture(monkeypatch):
         body = {"prompt": PROMPTS["sql"], "max_tokens": 12, "temperature": 0,
                 "domain": "sql"}  # fmt: skip
         out = client.post("/v1/completions", json=body).json()
-        assert out["osd"]["drafter_version"] == version  # adopted between steps
+        adopted = replica.follower.serving["version"]  # the trainer may have published again
+        assert adopted >= version
+        assert out["osd"]["drafter_version"] == adopted  # adopted between steps
         stats = client.get("/v1/osd/stats").json()
-        assert stats["failed"] == 0 and stats["swaps"][-1]["version"] == version
+        assert stats["failed"] == 0 and stats["swaps"][-1]["version"] == adopted
 
 
 # ---- the experiment's figures, on a synthetic run ----------------------------------------

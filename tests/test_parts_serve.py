@@ -27,7 +27,7 @@ def test_serve_trains_gates_and_hot_swaps_the_decision_model(monkeypatch):
         "serve": {"drafter_options": {"early_stop": 0.5}},
         "trainer": {
             "distill": {"publish_every_steps": 1000, "publish_every_s": None},
-            "decision": {"publish_every_steps": 2, "publish_every_s": None},
+            "decision": {"publish_every_steps": 1, "publish_every_s": None, "batch_records": 4},
         },
     }
     with served(monkeypatch, config) as ns:
@@ -55,13 +55,14 @@ def test_serve_trains_gates_and_hot_swaps_the_decision_model(monkeypatch):
         after = client.post("/v1/completions", json=body).json()
         assert after["choices"][0]["text"] == before  # the stop model never changes text
         stats = client.get("/v1/osd/stats").json()
-        live = registry.live_version("draft-stop")
-        assert stats["parts"]["stop"]["version"] == live >= 1
-        assert stats["parts"]["stop"]["serving"]["version"] == live
+        live = registry.live_version("draft-stop")  # the trainer may have published again
+        adopted = replica.part_followers["stop"].serving["version"]
+        assert stats["parts"]["stop"]["version"] == adopted and 1 <= adopted <= live
+        assert stats["parts"]["stop"]["serving"]["version"] == adopted
         assert stats["failed"] == 0 and stats["swaps"][-1]["part"] == "stop"
         assert stats["drafter_version"] == 0
         report = registry.report()["parts"]["draft-stop"]
-        assert report["live_version"] == live and len(report["versions"]) >= 2
+        assert report["live_version"] >= adopted and len(report["versions"]) >= 2
         assert trainer.stats()["parts"]["draft-stop"]["promoted"] >= 1
 
 
@@ -78,7 +79,7 @@ def test_mixture_versioned_per_adapter(monkeypatch):
         "buffer": {"holdout_every": 2},  # ~6 of each adapter's 12 held out (random ids)
         "registry": {"gate_margin": 1.0},
         "serve": {"drafter_options": options},
-        "trainer": {"distill": {"lora": True, "publish_every_steps": 2, "batch_records": 4}},
+        "trainer": {"distill": {"lora": True, "publish_every_steps": 1, "batch_records": 4}},
     }
     with served(monkeypatch, config) as ns:
         registry, replica, client = ns.registry, ns.replica, ns.client
@@ -111,8 +112,8 @@ def test_mixture_versioned_per_adapter(monkeypatch):
         body = {"prompt": PROMPTS["sql"], "max_tokens": 12, "temperature": 0, "domain": "sql"}
         assert client.post("/v1/completions", json=body).status_code == 200
         stats = client.get("/v1/osd/stats").json()
-        live = registry.live_version("draft-sql")
-        assert stats["parts"]["adapter:sql"]["version"] == live >= 1
+        adopted = replica.part_followers["adapter:sql"].serving["version"]
+        assert stats["parts"]["adapter:sql"]["version"] == adopted >= 1
         assert stats["parts"]["adapter:math"]["version"] == 0  # not adopted yet
         assert stats["failed"] == 0 and stats["swaps"][-1]["part"] == "adapter:sql"
         assert set(registry.report()["parts"]) == {"draft-math", "draft-sql"}
