@@ -17,7 +17,9 @@ a thread each, on the same records read through a consumer group of their own, p
 under the part's id (``<drafter_id>-stop``, ``<drafter_id>-<domain>``).
 
 Controls for experiments: :meth:`pause` / :meth:`resume` the training threads,
-:meth:`set_budget` (steps per second, live) and :meth:`set_publishing` (train without
+:meth:`set_budget` (steps per second, live), :meth:`set_yield` (spare compute only:
+``distill.yield_cpu`` — the trainer waits while the replicas on its node keep its CPUs
+busy, :mod:`osd.distill.budget`; off by default) and :meth:`set_publishing` (train without
 publishing: the served weights stay fixed).
 """
 
@@ -34,6 +36,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
+from osd.distill.budget import NodeLoad
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -129,7 +132,13 @@ class TrainerActor:
             merged, _ = ray.get(self.registry.serving_weights.remote(did, version))
             student.load_weights(weights_from_bytes(merged))
         distiller = OnlineDistiller(
-            student, buffer, did, dcfg, base_version, stream=self.drafter_id
+            student,
+            buffer,
+            did,
+            dcfg,
+            base_version,
+            stream=self.drafter_id,
+            busy=NodeLoad(dcfg.yield_cpu or 1.0),  # spare compute (used if yield_cpu is set)
         )
         if adapter is not None:
             student.load_adapter(*adapter)
@@ -200,9 +209,22 @@ class TrainerActor:
 
         if max_steps_per_s is not None and not max_steps_per_s > 0:
             raise ValueError(f"max_steps_per_s must be > 0 or None, got {max_steps_per_s!r}")
-        for d in [self.distiller, *self.part_distillers.values()]:
-            if d is not None:
-                d.config = dataclasses.replace(d.config, max_steps_per_s=max_steps_per_s)
+        for d in self._distillers():
+            d.config = dataclasses.replace(d.config, max_steps_per_s=max_steps_per_s)
+
+    def set_yield(self, yield_cpu: float | None) -> None:
+        """Spare compute only (``distill.yield_cpu``: wait while the node's other
+        processes use more than this share of its CPUs; ``None``: never wait), live."""
+        import dataclasses
+
+        if yield_cpu is not None and not 0 < yield_cpu <= 1:
+            raise ValueError(f"yield_cpu must be in (0, 1] or None, got {yield_cpu!r}")
+        for d in self._distillers():
+            d.config = dataclasses.replace(d.config, yield_cpu=yield_cpu)
+            d.busy.share = yield_cpu or 1.0
+
+    def _distillers(self) -> list[OnlineDistiller]:
+        return [d for d in (self.distiller, *self.part_distillers.values()) if d is not None]
 
     def stop(self) -> None:
         self._stop.set()
@@ -225,6 +247,7 @@ class TrainerActor:
             "resumed_from": self.resumed_from,
             "errors": self.errors,
             "redis_outages": self.outage.count,
+            "yielded_s": 0.0 if d is None else round(d.yielded_s, 3),  # spare compute waits
             "parts": {  # the versioned parts' own trainers (decision model, adapters)
                 did: {
                     "steps": p.steps,

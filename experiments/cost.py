@@ -8,7 +8,11 @@ clients), phases of the same requests with the trainer
 - ``off``   — paused;
 - ``B/s``   — running at most B optimiser steps a second (``distill.max_steps_per_s``),
               for each ``--budgets`` value;
-- ``max``   — running unthrottled (the default budget: ``max_steps_per_s: null``),
+- ``spare`` — no rate cap, spare compute only (``distill.yield_cpu: 0.5``: it waits, up
+              to 2 s a step, while the node's other processes — the replicas — use more
+              than half its CPUs; :mod:`osd.distill.budget`);
+- ``max``   — running unthrottled (the default budget: ``max_steps_per_s: null``,
+              ``yield_cpu: null``),
 
 interleaved over ``--rounds`` rounds so that drift in the machine's load hits every
 phase alike. Publishing is off throughout (the served weights stay fixed, so only the
@@ -31,6 +35,8 @@ import json
 import time
 from pathlib import Path
 
+SPARE = 0.5  # distill.yield_cpu for a trainer that shares its node with replicas
+
 
 async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dict]:
     from osd.actors.replay import ReplayConfig, replay_async, summarize
@@ -47,17 +53,22 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
                 concurrency=conc,
                 api_key=next(iter(cluster.cfg.serve.keys), None),
             )
+            phases = [("off", None, None), *((lb, b, None) for lb, b in budgets)]
+            phases += [("spare", None, SPARE), ("max", None, None)]
             for r in range(rounds):
-                for label, budget in [("off", None), *budgets, ("max", None)]:
+                for label, budget, share in phases:
                     if label == "off":
                         await asyncio.gather(*(t.pause.remote() for t in trainers))
                     else:
                         await asyncio.gather(*(t.set_budget.remote(budget) for t in trainers))
+                        await asyncio.gather(*(t.set_yield.remote(share) for t in trainers))
                         await asyncio.gather(*(t.resume.remote() for t in trainers))
                     before = await asyncio.gather(*(t.stats.remote() for t in trainers))
                     s = summarize(await replay_async(reqs, rcfg))
                     after = await asyncio.gather(*(t.stats.remote() for t in trainers))
-                    steps = sum(a["steps"] - b["steps"] for a, b in zip(after, before, strict=True))
+                    pairs = list(zip(after, before, strict=True))
+                    steps = sum(a["steps"] - b["steps"] for a, b in pairs)
+                    yielded = sum(a["yielded_s"] - b["yielded_s"] for a, b in pairs)
                     row = {
                         "concurrency": conc,
                         "round": r,
@@ -67,6 +78,7 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
                         "failed": s["failed"],
                         "trainer_steps": steps,
                         "trainer_steps_per_s": steps / s["wall_s"] if s["wall_s"] else 0.0,
+                        "trainer_yielded_s": yielded,  # waited for spare compute
                     }
                     out.append(row)
                     print(
@@ -76,6 +88,7 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
                     )
     finally:
         await asyncio.gather(*(t.set_budget.remote(None) for t in trainers))
+        await asyncio.gather(*(t.set_yield.remote(None) for t in trainers))
         await asyncio.gather(*(t.resume.remote() for t in trainers))
         await asyncio.gather(*(t.set_publishing.remote(True) for t in trainers))
     return out

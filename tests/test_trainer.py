@@ -325,6 +325,37 @@ def test_compute_budget_sleeps_between_steps(records):
     assert sum(t.sleeps) == pytest.approx(0.7)
 
 
+def test_spare_compute_waits_while_the_node_is_busy_but_not_forever(records):
+    """``yield_cpu``: before a step the trainer waits while the probe says the node is busy
+    (50 ms polls), at most ``yield_max_s``; without a probe, or with ``yield_cpu: None``,
+    it never waits."""
+    t = FakeTime()
+    buf = MemoryBuffer(consumer="t0")
+    fill(buf, records, 4 * 8)
+    busy = iter([True, True, False, *[True] * 100])
+    cfg = DistillConfig(lr=1e-2, yield_cpu=0.5, yield_max_s=1.0)
+    dist = OnlineDistiller(
+        student(), buf, DRAFTER, cfg, clock=t.clock, sleep=t.sleep, busy=lambda: next(busy)
+    )
+    assert dist.step().waited_s == pytest.approx(0.1)  # busy twice, then free
+    assert dist.step().waited_s == pytest.approx(1.0)  # busy throughout: steps after 1 s
+    assert dist.yielded_s == pytest.approx(1.1) and dist.steps == 2
+    dist.config = replace(cfg, yield_cpu=None)  # a trainer on devices of its own
+    assert dist.step().waited_s == 0
+    with pytest.raises(ValueError, match="yield_cpu"):
+        DistillConfig(yield_cpu=1.5)
+
+
+def test_node_load_counts_the_other_processes_only():
+    from osd.distill.budget import NodeLoad
+
+    assert not NodeLoad(0.5, cpus=2, system=lambda: 60.0, own=lambda: 100.0)()  # 0.2 others
+    assert NodeLoad(0.5, cpus=2, system=lambda: 100.0, own=lambda: 20.0)()  # 0.9 others
+    real = NodeLoad(0.99)  # psutil: a reading in [0, 1]
+    real()
+    assert 0.0 <= real.others <= 1.0
+
+
 def test_publish_triggers_on_steps_or_seconds(records):
     t = FakeTime()
     buf = MemoryBuffer(consumer="t0")

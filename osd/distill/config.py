@@ -55,6 +55,12 @@ class DistillConfig:
     publish_every_steps: int | None = 16  # M
     publish_every_s: float | None = 30.0  # T; either M or T triggers a publish
     max_steps_per_s: float | None = None  # compute budget; None: unlimited
+    # spare compute only: a trainer that shares its node with replicas waits while the other
+    # processes use more than this fraction of the node's CPUs (osd.distill.budget), at most
+    # yield_max_s before each step; None (default): never waits — a trainer on devices of
+    # its own, or one whose learning must not depend on how busy the node is
+    yield_cpu: float | None = None
+    yield_max_s: float = 2.0
     reclaim_idle_ms: int = 60_000  # XAUTOCLAIM threshold: well above one step's duration
 
     def __post_init__(self) -> None:
@@ -83,6 +89,9 @@ class DistillConfig:
         limit = self.max_steps_per_s
         need(limit is None or _positive(limit), "max_steps_per_s", "> 0 or None (unlimited)")
         need(_pos_int(self.reclaim_idle_ms, 0), "reclaim_idle_ms", "an int >= 0")
+        share = self.yield_cpu
+        need(share is None or (_positive(share) and share <= 1), "yield_cpu", "in (0, 1] or None")
+        need(_positive(self.yield_max_s), "yield_max_s", "> 0")
 
     @property
     def learning_rate(self) -> float:

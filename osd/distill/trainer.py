@@ -67,7 +67,8 @@ class OnlineDistiller:
     trained in place). ``base_version``: the registry version the student's weights come
     from (a LoRA adapter records it in its spec). ``clock`` / ``sleep``: injectable for
     tests (publish timer and compute budget). ``stream``: the buffer stream to read
-    (default ``drafter_id``'s).
+    (default ``drafter_id``'s). ``busy``: a probe of the node's load (spare compute only:
+    :class:`osd.distill.budget.NodeLoad`; used when ``config.yield_cpu`` is set).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class OnlineDistiller:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         stream: str | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         if not isinstance(drafter_id, str) or not drafter_id:
             raise ValueError(f"drafter_id must be a non-empty string, got {drafter_id!r}")
@@ -95,6 +97,9 @@ class OnlineDistiller:
         # the buffer stream it reads: the drafter's own, or (a decision model, which learns
         # from fields of the drafter's records) another's, read through its own group
         self.stream = stream or drafter_id
+        # spare compute: "is the node busy with serving?" (osd.distill.budget.NodeLoad)
+        self.busy = busy
+        self.yielded_s = 0.0  # waited for spare compute, in total
         self.clock = clock
         self.sleep = sleep
         if config.lora:
@@ -165,14 +170,22 @@ class OnlineDistiller:
         return report
 
     def _respect_budget(self) -> float:
-        """Sleep until ``1 / max_steps_per_s`` has passed since the last update began."""
-        if self.config.max_steps_per_s is None:
-            return 0.0
-        wait = self._last_update_at + 1.0 / self.config.max_steps_per_s - self.clock()
-        if wait <= 0:
-            return 0.0
-        self.sleep(wait)
-        return wait
+        """Sleep until ``1 / max_steps_per_s`` has passed since the last update began, then,
+        with a ``busy`` probe and ``yield_cpu`` set, while the node is busy (at most
+        ``yield_max_s``: spare compute first, progress under constant load)."""
+        waited = 0.0
+        if self.config.max_steps_per_s is not None:
+            wait = self._last_update_at + 1.0 / self.config.max_steps_per_s - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+                waited += wait
+        if self.busy is not None and self.config.yield_cpu is not None:
+            start = self.clock()
+            while self.clock() - start < self.config.yield_max_s and self.busy():
+                self.sleep(0.05)
+            self.yielded_s += self.clock() - start
+            waited += self.clock() - start
+        return waited
 
     def _pull(self) -> tuple[list[Entry], int]:
         """Entries of a dead consumer first (reclaim), then this consumer's own and new ones."""
