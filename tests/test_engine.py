@@ -4,7 +4,7 @@ distribution. Uses the shipped zoo."""
 
 import pytest
 import torch
-from _exactness import chi2_pvalue, first_two_counts, first_two_joint
+from _exactness import BATCH, N_EXACT, chi2_pvalue, first_two_counts, first_two_joint
 
 from osd.drafters.draft_model import DraftModelDrafter
 from osd.drafters.ngram import NgramDrafter, lookup
@@ -117,12 +117,12 @@ def test_eos_inside_an_accepted_draft_stops_like_target(zoo, data_dir):
 @pytest.mark.slow
 def test_sampling_end_to_end_matches_target_distribution(zoo):
     """First two sampled tokens: spec decoding with a tree vs the exact target joint
-    (2000 sequences, 250 a batch; 3 new tokens: the (2, 2) tree is drafted in full)."""
+    (N_EXACT sequences; 3 new tokens: the (2, 2) tree is drafted in full)."""
     target, draft, tok = zoo
     ids, joint = first_two_joint(target, tok)
     dec = SpeculativeDecoder(target, DraftModelDrafter(draft, tree=(2, 2)), tok)
-    counts, _ = first_two_counts(dec, ids, 2000, 250)
-    assert chi2_pvalue(counts, joint, 2000) > 1e-3
+    counts, _ = first_two_counts(dec, ids, N_EXACT, BATCH)
+    assert chi2_pvalue(counts, joint, N_EXACT) > 1e-3
 
 
 def test_bad_input_is_refused_clearly(zoo):
