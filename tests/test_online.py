@@ -16,7 +16,7 @@ def test_online_draft_learns_the_drifted_domain(tmp_path, data_dir):
     tok = load_tokenizer("zoo:target")
     cfg = OnlineConfig(
         schedule="switch:instruct>sql@10",
-        n=90,
+        n=40,  # 30 sql requests: gain 0.13 here (0.23 with 90; the claim asks > 0.05)
         max_new_tokens=24,
         distill=replace(REPLAY_DISTILL, publish_every_steps=8, lr=1e-3),
         window=10,
@@ -27,7 +27,7 @@ def test_online_draft_learns_the_drifted_domain(tmp_path, data_dir):
         assert buffer.length("draft") > 0  # records really went through Redis
     rep = result.to_json()
     sql = rep["by_domain"]["sql"]
-    assert sql["requests"] == 80 and rep["by_domain"]["instruct"]["requests"] == 10
+    assert sql["requests"] == 30 and rep["by_domain"]["instruct"]["requests"] == 10
     assert any(v["promoted"] for v in rep["versions"])
     # conservative: the learning draft's α on the new domain beats the frozen draft's
     assert sql["gain"] > 0.05, rep["by_domain"]
