@@ -70,6 +70,30 @@ def smollm2():
     return model_path("smollm2")
 
 
+@pytest.fixture(scope="session")
+def greedy_cases(data_dir):
+    """50 eval prompts, 10 per domain, ragged lengths (the last 12 + 5 i tokens), with the
+    zoo target's HF greedy continuations (16 tokens): the head and recurrent drafters'
+    lossless tests share them (computed once a session)."""
+    from osd.models import load_model, load_tokenizer
+    from osd.workloads.datasets import DOMAINS, load_domain
+
+    target, tok = load_model("zoo:target"), load_tokenizer("zoo:target")
+    out = []
+    for d in DOMAINS:
+        for i, q in enumerate(load_domain(d, "eval", data_dir)[:10]):
+            ids = tok(q.prompt, add_special_tokens=False).input_ids[-(12 + 5 * i) :]
+            with torch.inference_mode():
+                ref = target.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=16,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )[0, len(ids) :].tolist()
+            out.append((ids, ref))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,6 @@ from osd.registry.gate import draft_acceptance
 from osd.registry.versions import Registry
 from osd.registry.weights import WeightValidationError
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
-from osd.workloads.datasets import DOMAINS, load_domain
 
 HEAD_DRAFTERS = ["medusa", "koala-medusa", "eagle", "koala-eagle"]
 
@@ -31,22 +30,11 @@ def zoo():
 
 
 @pytest.fixture(scope="module")
-def cases(zoo, data_dir):
-    """50 eval prompts, 10 per domain, ragged lengths, with their HF greedy references."""
-    target, tok = zoo
-    out = []
-    for d in DOMAINS:
-        for i, q in enumerate(load_domain(d, "eval", data_dir)[:10]):
-            ids = tok(q.prompt, add_special_tokens=False).input_ids[-(12 + 5 * i) :]
-            with torch.inference_mode():
-                ref = target.generate(
-                    torch.tensor([ids]),
-                    max_new_tokens=16,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )[0, len(ids) :].tolist()
-            out.append((ids, ref))
-    return out
+def cases(greedy_cases):
+    """50 eval prompts, 10 per domain, ragged lengths, with their HF greedy references
+    (tests/conftest.py: shared with the recurrent drafter's tests)."""
+    assert len(greedy_cases) == 50
+    return greedy_cases
 
 
 def test_head_drafters_are_registered_and_trainable():

@@ -28,7 +28,6 @@ from osd.registry.weights import WeightValidationError
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.specdec.tree import TokenTree, path_to, tree_block
-from osd.workloads.datasets import DOMAINS, load_domain
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +103,11 @@ def test_recurrent_is_registered_and_trainable():
 
 
 @pytest.fixture(scope="module")
-def cases(zoo, data_dir):
-    """50 eval prompts, 10 per domain, ragged lengths, with their HF greedy references."""
-    target, tok = zoo
-    out = []
-    for d in DOMAINS:
-        for i, q in enumerate(load_domain(d, "eval", data_dir)[:10]):
-            ids = tok(q.prompt, add_special_tokens=False).input_ids[-(12 + 5 * i) :]
-            with torch.inference_mode():
-                ref = target.generate(
-                    torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0
-                )[0, len(ids) :].tolist()
-            out.append((ids, ref))
-    return out
+def cases(greedy_cases):
+    """50 eval prompts, 10 per domain, ragged lengths, with their HF greedy references
+    (tests/conftest.py: shared with the recurrent drafter's tests)."""
+    assert len(greedy_cases) == 50
+    return greedy_cases
 
 
 @pytest.mark.parametrize("options", [{}, {"width": 2, "length": 3, "stochastic": True}])
