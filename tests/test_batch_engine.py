@@ -36,7 +36,7 @@ def cases(zoo, data_dir):
     its HF greedy reference (EOS kept: some stop early)."""
     target, _, tok = zoo
     out = []
-    for i, d in enumerate(DOMAINS * 3):
+    for i, d in enumerate((DOMAINS * 3)[:12]):  # the 12 used: no reference thrown away
         q = load_domain(d, "eval", data_dir)[i // len(DOMAINS)]
         ids = tok(q.prompt, add_special_tokens=False).input_ids[-(20 + 7 * i) :]
         budget = 6 + 2 * i
@@ -47,7 +47,7 @@ def cases(zoo, data_dir):
             pad_token_id=tok.pad_token_id,
         )[0, len(ids) :].tolist()
         out.append((ids, budget, ref))
-    return out[:12]
+    return out
 
 
 def _decoder(zoo, shape):
