@@ -45,6 +45,20 @@ def decode_all(dec, prompts, budget, sampling=None):
     return states, stats
 
 
+def greedy_tau(dec, cases, budget: int = 16) -> float:
+    """Decode ``cases`` (prompt ids, HF greedy reference) as one batch; assert each output
+    equals its reference; return τ over them all."""
+    from osd.specdec.engine import DecodeStats
+
+    states, stats = decode_all(dec, [c[0] for c in cases], budget)
+    for s, (_, ref) in zip(states, cases, strict=True):
+        assert s.tokens[s.prompt_len :] == ref
+    total = DecodeStats()
+    for st in stats:
+        total.merge(st)
+    return total.tau
+
+
 PROMPT = "Question: Tom has 3 apples"
 N_EXACT = 600  # sequences a chi-square test draws (power: the module docstring)
 BATCH = 300

@@ -6,7 +6,7 @@ version with a wrong shape or NaN is refused."""
 
 import pytest
 import torch
-from _exactness import chi2_first_two, decode_all, hidden_stream
+from _exactness import chi2_first_two, greedy_tau, hidden_stream
 
 from osd.distill.config import DistillConfig
 from osd.distill.head_student import AdversarialObjective, head_student
@@ -19,7 +19,7 @@ from osd.models import load_model, load_tokenizer
 from osd.registry.gate import draft_acceptance
 from osd.registry.versions import Registry
 from osd.registry.weights import WeightValidationError
-from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.engine import SpeculativeDecoder
 
 HEAD_DRAFTERS = ["medusa", "koala-medusa", "eagle", "koala-eagle"]
 
@@ -52,14 +52,8 @@ def test_medusa_tree_grows_by_expected_length():
 @pytest.mark.parametrize("name", HEAD_DRAFTERS)
 def test_greedy_equals_hf_greedy_batched(zoo, cases, name):
     target, tok = zoo
-    dec = SpeculativeDecoder(target, build_drafter(name, target), tok)
-    states, stats = decode_all(dec, [c[0] for c in cases], 16)
-    for s, (_, ref) in zip(states, cases, strict=True):
-        assert s.tokens[s.prompt_len :] == ref
-    total = DecodeStats()
-    for st in stats:
-        total.merge(st)
-    assert total.tau > 1.3, f"{name}: the shipped heads should be accepted (τ {total.tau:.2f})"
+    tau = greedy_tau(SpeculativeDecoder(target, build_drafter(name, target), tok), cases)
+    assert tau > 1.3, f"{name}: the shipped heads should be accepted (τ {tau:.2f})"
 
 
 def test_one_token_prompt_and_depth_caps(zoo):
