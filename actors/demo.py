@@ -270,6 +270,7 @@ def run_demo(
             for v in report["versions"]
         ],
         "gate_decisions": report["decisions"],
+        "parts": report.get("parts", {}),  # versioned parts: decision model, adapters
         "throughput_ratio_with_trainer": tp["ratio"],
         "throughput": tp,
         "replay": summary,

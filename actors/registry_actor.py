@@ -330,7 +330,11 @@ class RegistryActor:
         pause_s: float,
         waited_s: float,
         ref: dict[str, Any] | None = None,
+        drafter_id: str | None = None,
     ) -> None:
+        """A replica adopted ``version`` of the drafter, or of one of its versioned parts
+        (``drafter_id``: the part's id; recorded in that id's history)."""
+        did = drafter_id or self.drafter_id
         row = {
             "replica": replica,
             "version": version,
@@ -338,12 +342,13 @@ class RegistryActor:
             "waited_ms": 1e3 * waited_s,
             "time": time.time(),
         }
-        with self._lock:
-            self.adoptions.append(row)
-        if self.promoter is not None:
+        if did == self.drafter_id:
+            with self._lock:
+                self.adoptions.append(row)
+        if did in self.promoters:
             with contextlib.suppress(Exception):  # the history is best effort
                 extra = {} if ref is None else {"ref": ref}
-                self.registry.record_event(self.drafter_id, "adoption", **row, **extra)
+                self.registry.record_event(did, "adoption", **row, **extra)
 
     def report(self) -> dict[str, Any]:
         """Versions, gate decisions and adoptions (for the demo and operators)."""
@@ -374,13 +379,21 @@ class RegistryActor:
         }
 
     def _parts_report(self) -> dict[str, Any]:
-        """The drafter's versioned parts (decision model, adapters): id → live version and
-        versions."""
-        return {
-            did: {"live_version": self.registry.live_version(did), "versions": self.versions(did)}
-            for did in self.promoters
-            if did != self.drafter_id
-        }
+        """The drafter's versioned parts (decision model, adapters): id → live version,
+        versions and the replicas' adoptions."""
+        out = {}
+        for did in self.promoters:
+            if did == self.drafter_id:
+                continue
+            adoptions: list[dict[str, Any]] = []
+            with contextlib.suppress(Exception):  # persisted; best effort
+                adoptions = [e for e in self.registry.history(did) if e["kind"] == "adoption"]
+            out[did] = {
+                "live_version": self.registry.live_version(did),
+                "versions": self.versions(did),
+                "adoptions": adoptions,
+            }
+        return out
 
     def ping(self) -> bool:
         return True

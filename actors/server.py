@@ -234,9 +234,13 @@ class OSDServer:
         return poll, fetch, upload
 
     def _on_swap(self, event: SwapEvent) -> None:
-        if event.part != "drafter":  # a versioned part: no adoption report, no swap metric
-            if event.part in self.part_followers:
-                self.part_followers[event.part].on_swap(event)
+        if event.part != "drafter":  # a versioned part: its own id's adoption, no swap metric
+            follower = self.part_followers.get(event.part)
+            if follower is not None:
+                ref = follower.on_swap(event)
+                self.registry.report_adoption.remote(
+                    self.replica, event.version, event.pause_s, event.waited_s, ref, follower.what
+                )
             return
         self.metrics.observe_swap(event)
         ref = self.follower.on_swap(event)

@@ -63,6 +63,7 @@ def test_serve_trains_gates_and_hot_swaps_the_decision_model(monkeypatch):
         assert stats["drafter_version"] == 0
         report = registry.report()["parts"]["draft-stop"]
         assert report["live_version"] >= adopted and len(report["versions"]) >= 2
+        assert [(a["replica"], a["version"]) for a in report["adoptions"]] == [("test", adopted)]
         assert trainer.stats()["parts"]["draft-stop"]["promoted"] >= 1
 
 
@@ -116,4 +117,7 @@ def test_mixture_versioned_per_adapter(monkeypatch):
         assert stats["parts"]["adapter:sql"]["version"] == adopted >= 1
         assert stats["parts"]["adapter:math"]["version"] == 0  # not adopted yet
         assert stats["failed"] == 0 and stats["swaps"][-1]["part"] == "adapter:sql"
-        assert set(registry.report()["parts"]) == {"draft-math", "draft-sql"}
+        parts = registry.report()["parts"]
+        assert set(parts) == {"draft-math", "draft-sql"}
+        assert [a["version"] for a in parts["draft-sql"]["adoptions"]] == [adopted]
+        assert parts["draft-math"]["adoptions"] == []

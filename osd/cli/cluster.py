@@ -164,6 +164,11 @@ def demo(
     table.add_row(f"alpha_gain ({b['domain']}, m = {b['m']})", fmt(doc["alpha_gain"], "{:+.3f}"))
     promoted = sum(v["status"] in ("live", "retired") for v in doc["versions"][1:])
     table.add_row("versions published / promoted", f"{len(doc['versions']) - 1} / {promoted}")
+    for did, part in doc.get("parts", {}).items():  # decision model, per-adapter mixture
+        live, n = part["live_version"], len(part["versions"]) - 1
+        table.add_row(
+            f"{did}: published / live / adoptions", f"{n} / v{live} / {len(part['adoptions'])}"
+        )
     table.add_row("swap pause p99", fmt(doc["swap_pause_ms_p99"], "{:.1f} ms"))
     table.add_row("throughput with trainer ÷ without", fmt(doc["throughput_ratio_with_trainer"]))
     table.add_row("wall time", f"{doc['wall_s']:.0f} s")
