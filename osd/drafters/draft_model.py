@@ -422,15 +422,12 @@ class DraftModelDrafter(Drafter):
         for d in range(first, deepest):
             c = shape.branching[d]
             if self.stop is not None:  # from each sequence's first open node
-                f = self.stop.features(frontier[:, 0], d)
+                f, cut = self.stop.cut(frontier[:, 0], d, [limit[j] for j in active])
                 feats.append(f)
-                if d > 0:  # the decision model may end a chain here (never before depth 1)
-                    go = self.stop.keep_going(f).tolist()
-                    for i in range(len(act)):
-                        if not go[i] and d < limit[active[i]]:
-                            limit[active[i]] = d
-                    if all(d >= limit[j] for j in active):
-                        break
+                for j, lim in zip(active, cut, strict=True):
+                    limit[j] = lim
+                if all(d >= limit[j] for j in active):
+                    break
             if greedy:  # one top-c for every open node of every sequence
                 kids = self._ids(frontier.topk(c, dim=-1).indices).reshape(len(act), -1)
             else:

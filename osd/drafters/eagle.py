@@ -191,9 +191,8 @@ class EagleDrafter(Drafter):
             out = self._run(seqs, parent_feat, toks, pos, at, mask)  # [a, w, H]
             lp = torch.log_softmax(self.lm_head(out).float(), -1)  # [a, w, V]
             if self.stop is not None:  # depth d + 1's distribution under the best node
-                feats.append(self.stop.features(lp[:, 0], d))
-                go = self.stop.keep_going(feats[-1]).tolist()
-                limit = [min(lim, d) if not g else lim for lim, g in zip(limit, go, strict=True)]
+                f, limit = self.stop.cut(lp[:, 0], d, limit)
+                feats.append(f)
             ch = lp.topk(k, dim=-1)
             cand_score = (score[:, :, None] + ch.values).reshape(a, w * k)
             pool_tok.append(ch.indices.reshape(a, w * k))

@@ -157,11 +157,9 @@ def beam_search(
             break
         s = head.state(embed(beams[:, :, -1]), s)  # [a, w, H]
         logp = torch.log_softmax(lm_head(head.feature(hw, s)).float(), -1)  # [a, w, V]
-        if stop is not None:
-            feats.append(stop.features(logp[:, 0], t))
-            for row, go in enumerate(stop.keep_going(feats[-1]).tolist()):
-                if not go:
-                    limits[row] = min(limits[row], t)
+        if stop is not None:  # from the best beam's distribution
+            f, limits[:] = stop.cut(logp[:, 0], t, limits)
+            feats.append(f)
         v = logp.shape[-1]
         top = (score[:, :, None] + logp).reshape(a, w * v).topk(w, -1)
         src = top.indices // v  # [a, w] the beam each extension grows

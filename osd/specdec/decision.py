@@ -114,6 +114,24 @@ class AcceptPredictor:
         """``[a]`` bool: draft this position (predicted acceptance ≥ threshold)."""
         return self.prob(features) >= self.threshold
 
+    def cut(
+        self, logits: torch.Tensor, depth: int, limits: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """What a drafter asks before drafting ``depth`` (0-based) for ``a`` sequences:
+        the features of their draft logits ``[a, V]`` there (kept for the labels), and
+        ``limits`` (each sequence's drafted depth so far allowed) lowered to ``depth`` where
+        the model predicts a rejection — never before depth 1.
+
+        >>> m = AcceptPredictor(threshold=0.5)
+        >>> m.cut(torch.zeros(2, 3), 0, [4, 4])[1], m.cut(torch.zeros(2, 3), 2, [4, 1])[1]
+        ([4, 4], [4, 1])
+        """
+        f = self.features(logits, depth)
+        if depth == 0:
+            return f, list(limits)
+        go = self.keep_going(f).tolist()
+        return f, [lim if g else min(lim, depth) for lim, g in zip(limits, go, strict=True)]
+
     # -- as a step observer of the engine -------------------------------------------------
     def on_step(self, state, step, ledger=None) -> None:
         """Label the positions the drafter drafted for ``state`` this step and learn."""
