@@ -92,7 +92,7 @@ class RegistryActor:
         self.registry = Registry(store)
         self.drafter_id = cfg.drafter_id
         # the drafter's student (by name) is what the gate scores and the registry versions;
-        # beside it, its early-stop decision model's, when trainers learn one (draft-stop)
+        # beside it, one per versioned part when trainers learn them (draft-stop, draft-sql)
         self.promoter: Promoter | None = None
         self.promoters: dict[str, Promoter] = {}
         if drafter_spec(cfg.drafter).trainable:

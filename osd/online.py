@@ -310,42 +310,30 @@ class _DecisionLoop:
         for _ in range(steps):
             if self.trainer.step() is None:
                 return
-            if not self.trainer.should_publish():
-                continue
-            snap = self.trainer.student.export()
-            prov = self.trainer.provenance("in-process")
-            out = self.promoter.submit(snap.weights, snap.kind, prov, holdout)
-            self.trainer.mark_published()
-            if out.promoted:
-                self.serving.load_state_dict(self.promoter.weights(out.version), out.version)
-            result.decision_versions.append(
-                {
-                    "version": out.version,
-                    "promoted": out.promoted,
-                    "candidate": out.candidate,
-                    "live": out.live,
-                    "at_request": len(result.requests),
-                }
-            )
+            if self.trainer.should_publish():
+                _publish(self.promoter, self.trainer, self.serving, holdout, result, "decision")
+                self.trainer.mark_published()
 
 
 def _publish(
     promoter: Promoter,
     trainer: OnlineDistiller,
-    serving: Drafter,
+    serving,
     holdout: list,
     result: OnlineResult,
+    what: str = "drafter",
 ) -> None:
-    """Hand the trainer's export to the promotion flow; hot-swap the serving drafter if
-    promoted (between requests: never mid-step). A LoRA adapter is cumulative (trained on
-    the initial draft, its base version), so the promoter merges it into that base."""
+    """Hand the trainer's export to the promotion flow; hot-swap ``serving`` (the drafter,
+    or its decision model: ``what``) if promoted (between requests: never mid-step). A LoRA
+    adapter is cumulative (trained on the initial draft, its base version), so the promoter
+    merges it into that base."""
     snap = trainer.student.export()
     outcome = promoter.submit(
         snap.weights, snap.kind, trainer.provenance("in-process"), holdout, snap.lora
     )
     if outcome.promoted:
         serving.load_state_dict(promoter.weights(outcome.version), outcome.version)
-    result.versions.append(
+    (result.decision_versions if what == "decision" else result.versions).append(
         {
             "version": outcome.version,
             "promoted": outcome.promoted,

@@ -40,7 +40,7 @@ class RecordCollector:
         # per sequence: logged positions, logits rows [V], hidden rows [H] (if configured)
         self._rows: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         # per sequence: decision-model features [n, 4] and labels of each step
-        self._stop: dict[int, tuple[list[torch.Tensor], list[float]]] = {}
+        self._stop: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
 
     wants_logits = True  # the verifier's logits rows are what a record logs
 
@@ -56,7 +56,7 @@ class RecordCollector:
             labels = stop_labels(step.tree.max_depth, step.accepted)
             xs, ys = self._stop.setdefault(id(state), ([], []))
             xs.append(state.stop_feats[: len(labels)].detach().float().cpu())
-            ys += labels
+            ys += [int(y) for y in labels]
         if step.target_logits is None or not step.emitted:
             return
         first = len(state.tokens) - len(step.emitted)  # position of the first emitted token
@@ -116,5 +116,5 @@ class RecordCollector:
             top_p=state.sampling.top_p,
             meta=None if state.route is None else {"adapter": state.route},
             stop_features=torch.cat(xs) if ys else None,
-            stop_labels=[int(y) for y in ys] if ys else None,
+            stop_labels=ys if ys else None,
         )

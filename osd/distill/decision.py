@@ -104,18 +104,10 @@ class DecisionStudent(Student):
 
         was = self.module.training
         self.module.eval()
-        total, n, used = 0.0, 0, 0
         try:
-            for lg, r in zip(self.predict(records), records, strict=True):
-                if lg.shape[0] == 0:
-                    continue
-                y = _labels(r)
-                bce = nn.functional.binary_cross_entropy_with_logits(
-                    lg[:, 0].float().cpu(), y, reduction="sum"
-                )
-                total += float(bce)
-                n += len(y)
-                used += 1
+            bce = StopObjective().loss(self.predict(records), records)  # [n] per label
         finally:
             self.module.train(was)
-        return AcceptanceEstimate(math.exp(-total / n) if n else 0.0, n, used)
+        used = sum(1 for r in records if self.predictable(r))
+        n = bce.numel()
+        return AcceptanceEstimate(math.exp(-float(bce.double().mean())) if n else 0.0, n, used)

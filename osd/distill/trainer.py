@@ -221,10 +221,7 @@ class OnlineDistiller:
         self.student.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.student.predict(records, cfg.max_len)  # per record [n, V]
-        per_position = self.objective.loss(logits, records)
-        if per_position.numel() == 0:  # nothing this student predicts in these records
-            return 0.0
-        loss = per_position.mean()  # over all positions
+        loss = self.objective.loss(logits, records).mean()  # over all positions
         if not torch.isfinite(loss):
             # A diverged draft or a poison batch: no update, but ack (the caller does) so
             # the batch is not redelivered forever.
