@@ -11,6 +11,7 @@ from osd.models import load_model, load_tokenizer
 from osd.specdec.accept import accept_greedy, accept_sampling
 from osd.specdec.accept_batch import accept_greedy_batch, accept_sampling_batch
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
+from osd.specdec.rowcost import RowPadding
 from osd.specdec.sampling import SamplingParams
 from osd.specdec.tree import TokenTree, pad_trees
 from osd.workloads.datasets import DOMAINS, load_domain
@@ -114,6 +115,51 @@ def test_seeded_sampling_is_batch_invariant(zoo, cases, shape):
     assert [m for i, m in enumerate(mixed) if i % 2 == 0] == [
         ref for i, (_, _, ref) in enumerate(cases) if i % 2 == 0
     ]
+
+
+@pytest.mark.parametrize("shape", ["ngram_k4", "tree_2_2_2_1"])
+def test_padded_verification_changes_no_token(zoo, cases, shape):
+    """Verification run at more rows than the trees need (osd.specdec.rowcost; forced
+    here: every batch pads to 16 rows where it fits) gives the target's greedy output."""
+    dec = _decoder(zoo, shape)
+    dec.rows = RowPadding([10.0] * 15 + [1.0])
+    assert dec.rows.rows(1, 2) == 16 and dec.rows.rows(2, 3) == 8
+    assert _run_batched(dec, cases[:6]) == [ref for _, _, ref in cases[:6]]
+
+
+def test_lean_forward_over_slots_out_of_order_equals_in_order():
+    """A batch over a run of cache slots given out of order (the serving loop's admission
+    order after compaction) is run in slot order and given back in the caller's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osd.specdec.lean import LeanLM, causal_mask, prefill
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    lm = LeanLM(LlamaForCausalLM(cfg).eval())
+    seqs = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    outs = {}
+    for order in ([0, 1, 2], [2, 0, 1]):
+        cache = lm.new_cache(slots=3)
+        cache.reserve(16)
+        prefill(lm, cache, [0, 1, 2], seqs)
+        starts = torch.tensor([len(seqs[i]) for i in order])
+        ids = torch.tensor([[20 + i, 30 + i] for i in order])
+        pos = starts[:, None] + torch.arange(2)
+        mask = causal_mask(starts, torch.tensor([2, 2, 2]), int(starts.max()) + 2)
+        logits, hidden = lm.forward(cache, torch.tensor(order), ids, pos, pos, mask, True)
+        outs[tuple(order)] = (logits, hidden, [cache.k[0][i, :, :6].clone() for i in range(3)])
+    (la, ha, ka), (lb, hb, kb) = outs[(0, 1, 2)], outs[(2, 0, 1)]
+    assert torch.allclose(lb, la[[2, 0, 1]], atol=1e-5)
+    assert torch.allclose(hb, ha[[2, 0, 1]], atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ka, kb, strict=True))
 
 
 def test_step_batch_refuses_finished_sequences(zoo):

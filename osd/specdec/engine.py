@@ -34,6 +34,7 @@ from osd.specdec.accept import AcceptResult, accept_typical, final_distribution
 from osd.specdec.kvcache import moves
 from osd.specdec.lean import LeanLM, prefill
 from osd.specdec.ledger import Ledger
+from osd.specdec.rowcost import RowPadding, row_padding
 from osd.specdec.sampling import SamplingParams, warp_probs
 from osd.specdec.tree import TokenTree, pad_trees, tree_block
 
@@ -152,10 +153,13 @@ class SpeculativeDecoder:
         ledger: Ledger | None = None,
         observers: Sequence[StepObserver] = (),
         typical: tuple[float, float] | None = None,
+        pad_rows: bool = True,
     ) -> None:
         """``typical=(epsilon, delta)`` turns on Medusa's typical acceptance at T > 0:
         **LOSSY** — the output no longer follows the target's distribution. Off by default;
-        greedy decoding ignores it."""
+        greedy decoding ignores it. ``pad_rows``: run each verification at the cheapest row
+        count at least the one it needs, measured once on this machine
+        (:mod:`osd.specdec.rowcost`; on a CPU 2–4 rows cost more than 5–6)."""
         self.typical = typical
         self.target = target.eval()
         self.drafter = drafter or Drafter()
@@ -165,6 +169,7 @@ class SpeculativeDecoder:
         self.eos = _eos_ids(target, tokenizer)
         self.lm = LeanLM(target)
         self.context = self.lm.context
+        self.rows = row_padding(self.lm) if pad_rows else RowPadding([])
         # tree nodes sit past the prefix in the cache: room for up to 255 of them
         self.cache = self.lm.new_cache(extra=256)
         self.observers: list[StepObserver] = []
@@ -328,7 +333,7 @@ class SpeculativeDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One target forward over ``[root] + nodes`` of every tree (padded to ``T``)."""
         b = len(states)
-        t = 1 + max(tree.size for tree in trees)
+        t = self.rows.rows(b, 1 + max(tree.size for tree in trees))
         prefix = torch.tensor([len(s.tokens) - 1 for s in states])  # [b] cached tokens
         ids = torch.zeros(b, t, dtype=torch.long)
         depth = torch.arange(t).expand(b, t).clone()  # padding: any position

@@ -210,6 +210,25 @@ class LeanLM:
         logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b, t = ids.shape
+        order = _dense_order(slots)
+        if order is not None:  # the batch holds a run of slots, out of order: run it in order
+            back = torch.empty_like(order)
+            back[order] = torch.arange(b)
+            at = None if logits_at is None else logits_at[order]
+            lg, h = self.forward(
+                cache,
+                slots[order],
+                ids[order],
+                positions[order],
+                write_at[order],
+                mask[order],
+                hidden,
+                logits_at=at,
+                logits=logits,
+            )
+            return (None if lg is None else lg[back.to(lg.device)]), (
+                None if h is None else h[back.to(h.device)]
+            )
         length = mask.shape[-1]
         dev = self.device
         ids, positions, write_at = ids.to(dev), positions.to(dev), write_at.to(dev)
@@ -254,6 +273,22 @@ class LeanLM:
         if logits_at is not None:
             h = h[torch.arange(b, device=dev), logits_at.to(dev)]  # [b, H]
         return self.model.lm_head(h), out
+
+
+def _dense_order(slots: torch.Tensor) -> torch.Tensor | None:
+    """The order that sorts ``slots`` when they are a contiguous run out of order (a batch
+    over them can then read cache views instead of gathering copies), else ``None``.
+
+    >>> _dense_order(torch.tensor([2, 0, 1])).tolist(), _dense_order(torch.tensor([0, 1]))
+    ([1, 2, 0], None)
+    >>> _dense_order(torch.tensor([3, 0]))
+    """
+    s = slots.cpu()
+    if s.numel() < 2 or bool((s[1:] - s[:-1] == 1).all()):
+        return None
+    order = s.argsort()
+    run = s[order]
+    return order if bool((run[1:] - run[:-1] == 1).all()) else None
 
 
 def causal_mask(starts: torch.Tensor, counts: torch.Tensor, length: int) -> torch.Tensor:
