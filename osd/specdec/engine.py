@@ -362,8 +362,15 @@ class SpeculativeDecoder:
         sampled = [i for i, s in enumerate(states) if not s.sampling.greedy]
         if greedy:  # all greedy rows at once, on the logits' device
             tokens, parents = pad_trees([trees[i] for i in greedy])
-            rows = torch.tensor(greedy, device=logits.device)
-            argmax = logits[rows, : tokens.shape[1] + 1].argmax(-1)  # [g, n + 1]
+            rows = (
+                logits
+                if len(greedy) == len(states)
+                else logits.index_select(0, torch.tensor(greedy, device=logits.device))
+            )
+            rows = rows[:, : tokens.shape[1] + 1]  # [g, n + 1, V]
+            # as 2-D rows: on a CPU argmax over a 3-D tensor is ~10x slower, and
+            # advanced indexing + slicing together as well
+            argmax = rows.reshape(-1, rows.shape[-1]).argmax(-1).view(rows.shape[:2])
             res = accept_greedy_batch(tokens, parents, argmax)
             for i, r in zip(greedy, res.unbind(), strict=True):
                 out[i] = r
