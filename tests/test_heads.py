@@ -138,6 +138,25 @@ def test_offline_warm_start_lowers_validation_loss(zoo, tmp_path):
         assert again.state_dict().keys() == (_fresh(target, kind).state_dict().keys())
 
 
+def test_warm_start_reads_only_the_domains_asked(zoo, data_dir):
+    """``osd heads train --domains prose,instruct``: the target continues those domains'
+    train prompts only (a drift study keeps the others new to the heads)."""
+    from osd.distill.heads_train import self_distill
+    from osd.workloads.datasets import load_domain
+
+    target, tok = zoo
+    cfg = HeadTrainConfig(domains="sql,prose", prompts_per_domain=2, max_new_tokens=3)
+    seqs = self_distill(target, tok, cfg, data_dir)
+    want = [
+        tok(q.prompt, add_special_tokens=False).input_ids[-cfg.prompt_tokens :]
+        for d in ("sql", "prose")
+        for q in load_domain(d, "train", data_dir)[:2]
+    ]
+    assert [s.ids[: s.prompt_len].tolist() for s in seqs] == want
+    with pytest.raises(ValueError, match="unknown domain"):
+        self_distill(target, tok, HeadTrainConfig(domains="poetry"), data_dir)
+
+
 def test_adversarial_step_updates_both_networks_deterministically(zoo, stream):
     target, _ = zoo
     runs = []

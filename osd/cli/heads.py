@@ -29,6 +29,14 @@ def heads_train(
     ] = None,
     target: Annotated[str, typer.Option(help="The frozen target.")] = "zoo:target",
     prompts: Annotated[int, typer.Option(help="Train prompts per domain.")] = 100,
+    domains: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated domains whose prompts the target continues, or 'all'. A "
+            "drift study warm-starts on a subset (e.g. prose,instruct, as the zoo draft) so "
+            "the others are new to the heads."
+        ),
+    ] = "all",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens the target generates each.")] = 64,
     epochs: Annotated[int, typer.Option(help="Passes over the generated data.")] = 4,
     heads: Annotated[int, typer.Option(help="Medusa: number of heads.")] = 4,
@@ -45,6 +53,7 @@ def heads_train(
     from osd.distill.heads_train import HeadTrainConfig, train_heads
     from osd.drafters.heads import HEAD_KINDS, heads_dir
     from osd.models import load_model, load_tokenizer
+    from osd.workloads.datasets import parse_domains
 
     if kind not in HEAD_KINDS:
         raise typer.BadParameter(f"--kind must be one of {', '.join(HEAD_KINDS)}")
@@ -52,6 +61,10 @@ def heads_train(
         raise typer.BadParameter("--layers must be >= 1")
     if loss not in ("soft", "hard"):
         raise typer.BadParameter("--loss must be soft or hard")
+    try:
+        parse_domains(domains)
+    except ValueError as err:
+        raise typer.BadParameter(f"--domains: {err}") from None
     koala = kind != "recurrent" and (layers > 1 or adversarial)
     name = f"koala-{kind}" if koala else kind
     out = out or heads_dir(name)
@@ -61,6 +74,7 @@ def heads_train(
         adversarial=adversarial,
         num_heads=heads,
         prompts_per_domain=prompts,
+        domains=domains,
         max_new_tokens=max_new_tokens,
         epochs=epochs,
         seed=seed,

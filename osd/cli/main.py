@@ -285,6 +285,13 @@ def online(
             "trained from the stream, gated and hot-swapped as 'draft-stop'."
         ),
     ] = None,
+    heads: Annotated[
+        Path | None,
+        typer.Option(
+            help="Head drafters: the heads' folder (default: the zoo's), e.g. heads trained "
+            "by `osd heads train --domains prose,instruct --out DIR` for a drift study."
+        ),
+    ] = None,
     log_mode: Annotated[str, typer.Option(help="all or rejected (OSD).")] = "all",
     seed: Annotated[int, typer.Option(help="Schedule seed.")] = 0,
     redis_url: Annotated[
@@ -315,7 +322,10 @@ def online(
     try:
         cfg = OnlineConfig(
             drafter=drafter,
-            drafter_options={} if early_stop is None else {"early_stop": early_stop},
+            drafter_options={
+                **({} if early_stop is None else {"early_stop": early_stop}),
+                **({} if heads is None else {"heads": str(heads)}),
+            },
             schedule=schedule,
             n=n,
             seed=seed,

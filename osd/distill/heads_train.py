@@ -41,7 +41,7 @@ from osd.distill.losses import SparseTarget, distill_loss
 from osd.drafters.heads import HeadConfig, build_heads, eagle_train_forward, save_heads
 from osd.drafters.recurrent import unroll
 from osd.specdec.engine import SpeculativeDecoder
-from osd.workloads.datasets import DOMAINS, load_domain
+from osd.workloads.datasets import load_domain, parse_domains
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class HeadTrainConfig:
     adversarial: bool = False
     num_heads: int = 4
     prompts_per_domain: int = 100
+    domains: str | None = None  # comma-separated; None: all five (a drift study: a subset)
     max_new_tokens: int = 64
     prompt_tokens: int = 96
     epochs: int = 4
@@ -78,7 +79,7 @@ class Sequence_:
 def self_distill(target, tok, cfg: HeadTrainConfig, data_dir=None, progress=None) -> list:
     """The target's greedy continuations of train prompts, with its hidden states."""
     prompts = []
-    for d in DOMAINS:
+    for d in parse_domains(cfg.domains):
         for q in load_domain(d, "train", data_dir)[: cfg.prompts_per_domain]:
             prompts.append(tok(q.prompt, add_special_tokens=False).input_ids[-cfg.prompt_tokens :])
     dec = SpeculativeDecoder(target, None, tok)
