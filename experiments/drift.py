@@ -144,7 +144,9 @@ def run_one(name: str, schedule: str, args) -> dict:
     torch.manual_seed(args.seed)
     target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
     tok = load_tokenizer("zoo:target")
-    distill = REPLAY_DISTILL if args.lr is None else replace(REPLAY_DISTILL, lr=args.lr)
+    distill = replace(REPLAY_DISTILL, replay=args.replay)
+    if args.lr is not None:
+        distill = replace(distill, lr=args.lr)
     cfg = OnlineConfig(
         drafter=drafter,
         drafter_options=options,
@@ -163,6 +165,7 @@ def run_one(name: str, schedule: str, args) -> dict:
     if options:
         run.update(drafter=drafter, drafter_options=options)
     run["published"] = len(result.versions)
+    run["replay"] = args.replay
     return run
 
 
@@ -248,6 +251,9 @@ def main() -> None:
     ap.add_argument("--steps-per-request", type=int, default=2, help="trainer steps a request")
     ap.add_argument("--lr", type=float, default=None, help="default: osd online's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--replay", type=int, default=0, help="rehearsed earlier records per trainer step"
+    )
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, required=True, help="results (rewritten after each run)")
     ap.add_argument("--plot", type=Path, required=True)

@@ -462,11 +462,32 @@ def test_records_without_usable_positions_are_acked_without_a_step(records):
         ({"max_steps_per_s": 0}, "max_steps_per_s"),
         ({"reclaim_idle_ms": -1}, "reclaim_idle_ms"),
         ({"weight_decay": -0.1}, "weight_decay"),
+        ({"replay": -1}, "replay"),
+        ({"replay_size": 0}, "replay_size"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillConfig(**kwargs)
+
+
+def test_rehearsal_adds_earlier_records_and_keeps_a_uniform_reservoir(records):
+    """``replay=R``: each step trains on its new records plus R from a bounded reservoir of
+    earlier ones (none before any were seen); only the new records are acked."""
+    buf = MemoryBuffer()
+    d = distiller(buf, batch_records=4, replay=3, replay_size=6)
+    fill(buf, records, 20)
+    seen = []
+    for _ in range(5):
+        report = d.step()
+        seen.append(report.replayed)
+        assert report.records == 4
+    assert seen == [0, 3, 3, 3, 3]
+    assert len(d._reservoir) == 6 and d._offered == 20
+    assert buf.pending_count(DRAFTER) == 0  # every new record acked
+    plain = distiller(MemoryBuffer(), batch_records=4)
+    fill(plain.buffer, records, 4)
+    assert plain.step().replayed == 0 and plain._reservoir == []
 
 
 def test_lora_on_missing_modules_says_what_to_set():

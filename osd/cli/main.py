@@ -278,6 +278,13 @@ def online(
     ] = "draft_model",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 48,
     steps_per_request: Annotated[int, typer.Option(help="Trainer steps after each request.")] = 2,
+    replay: Annotated[
+        int,
+        typer.Option(
+            help="Rehearsal: records from a reservoir of earlier ones added to each trainer "
+            "step (0: off), against forgetting a domain the traffic comes back to."
+        ),
+    ] = 0,
     early_stop: Annotated[
         float | None,
         typer.Option(
@@ -331,7 +338,7 @@ def online(
             seed=seed,
             k=k,
             max_new_tokens=max_new_tokens,
-            distill=replace(REPLAY_DISTILL, loss=loss, lora=lora, lr=lr),
+            distill=replace(REPLAY_DISTILL, loss=loss, lora=lora, lr=lr, replay=replay),
             log_mode=log_mode,
             steps_per_request=steps_per_request,
         )

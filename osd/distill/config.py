@@ -62,6 +62,11 @@ class DistillConfig:
     yield_cpu: float | None = None
     yield_max_s: float = 2.0
     reclaim_idle_ms: int = 60_000  # XAUTOCLAIM threshold: well above one step's duration
+    # rehearsal, against forgetting a domain the traffic leaves and comes back to: each step
+    # adds this many records drawn from a uniform reservoir of the ones trained on before
+    # (replay_size of them, kept in memory); 0 (default): off
+    replay: int = 0
+    replay_size: int = 1024
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -92,6 +97,8 @@ class DistillConfig:
         share = self.yield_cpu
         need(share is None or (_positive(share) and share <= 1), "yield_cpu", "in (0, 1] or None")
         need(_positive(self.yield_max_s), "yield_max_s", "> 0")
+        need(_pos_int(self.replay, 0), "replay", "an int >= 0 (0: no rehearsal)")
+        need(_pos_int(self.replay_size), "replay_size", "an int >= 1")
 
     @property
     def learning_rate(self) -> float:

@@ -15,6 +15,10 @@ Terms:
   :meth:`~SampleBuffer.reclaim` s them once they have been idle ``reclaim_idle_ms``.
 - **publish**: hand :meth:`Student.export` to the registry, every ``publish_every_steps``
   steps or ``publish_every_s`` seconds, whichever comes first.
+- **rehearsal** (``replay > 0``): each step also trains on ``replay`` records drawn from a
+  reservoir of earlier ones (uniform over everything trained on, ``replay_size`` kept;
+  Vitter's algorithm R), so a domain the traffic leaves is not forgotten by the time it
+  comes back. Rehearsed records were acked long ago; only the new ones are acked.
 
 Full fine-tune trains every parameter of the student's module; ``lora=True`` wraps it with
 PEFT LoRA adapters on top of registry version ``base_version`` and trains only those (the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +63,7 @@ class StepReport:
     seconds: float  # wall time of the step, budget sleep excluded
     waited_s: float = 0.0  # sleep spent respecting max_steps_per_s
     reclaimed: int = 0  # entries taken over from an idle (dead) consumer
+    replayed: int = 0  # earlier records rehearsed in this step (config.replay)
 
 
 class OnlineDistiller:
@@ -119,6 +125,9 @@ class OnlineDistiller:
         self._published_step = 0
         self._published_at = clock()
         self._last_update_at = -math.inf
+        self._reservoir: list[DistillRecord] = []  # rehearsal (config.replay)
+        self._offered = 0  # records offered to the reservoir so far
+        self._rng = random.Random(0)
         log.info(
             "distiller for %r (%s): %s, loss %s, lr %g, %d trainable parameters",
             drafter_id,
@@ -146,12 +155,15 @@ class OnlineDistiller:
         records, ids, skipped = self._decode(entries)
         if not records:
             return None
-        n_pos = sum(self.student.predictable(r, self.config.max_len) for r in records)
+        rehearsed = self._rehearse()
+        batch = records + rehearsed
+        n_pos = sum(self.student.predictable(r, self.config.max_len) for r in batch)
         loss = float("nan")
         if n_pos:
             self._last_update_at = start
-            loss = self._update(records)
+            loss = self._update(batch)
         self.buffer.ack(self.stream, ids)  # only after the optimiser step
+        self._remember(records)
         self.records_seen += len(records)
         self.positions_seen += n_pos
         if n_pos == 0:
@@ -165,9 +177,29 @@ class OnlineDistiller:
             seconds=self.clock() - start,
             waited_s=waited,
             reclaimed=reclaimed,
+            replayed=len(rehearsed),
         )
         log.debug("step %s", report)
         return report
+
+    def _rehearse(self) -> list[DistillRecord]:
+        """``config.replay`` records from the reservoir (fewer while it is smaller)."""
+        n = min(self.config.replay, len(self._reservoir))
+        return self._rng.sample(self._reservoir, n) if n else []
+
+    def _remember(self, records: list[DistillRecord]) -> None:
+        """Offer the step's new records to the reservoir (each kept with probability
+        ``replay_size / offered``: a uniform sample of all of them)."""
+        if not self.config.replay:
+            return
+        for record in records:
+            self._offered += 1
+            if len(self._reservoir) < self.config.replay_size:
+                self._reservoir.append(record)
+            else:
+                j = self._rng.randrange(self._offered)
+                if j < self.config.replay_size:
+                    self._reservoir[j] = record
 
     def _respect_budget(self) -> float:
         """Sleep until ``1 / max_steps_per_s`` has passed since the last update began, then,
