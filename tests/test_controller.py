@@ -118,3 +118,29 @@ def test_exploration_backs_off_in_a_settled_regime_and_restarts_when_it_moves():
     ctl.best_k = lambda batch=1: 3  # ... then the best depth moves
     ctl.depth()
     assert ctl._gap == ctl.explore_every  # exploring often again
+
+
+def test_prices_depths_by_the_padded_rows_the_engine_runs():
+    """With the engine's row padding (2–5 tokens verified as 5 rows, one cost), depth 3–4
+    costs one padded verification, not 3–4 times depth 1's extra: the controller that knows
+    the padding fits its line over the rows run and drafts deep."""
+
+    def run(rows) -> SpeculationController:
+        rng = random.Random(0)
+        ctl, ledger = SpeculationController(k_max=4), Ledger()
+        ctl.rows = rows
+        for _ in range(600):
+            k = ctl.depth()
+            accepted = 0
+            while accepted < k and rng.random() < 0.8:
+                accepted += 1
+            ledger.seconds["propose"] += k * 1.3 / 1000
+            ledger.seconds["verify"] += (7.7 if k == 0 else 11.0) / 1000
+            ctl.observe_batch(k, [accepted], k, ledger, ctl._verified(1, 1 + k) if rows else None)
+        return ctl
+
+    padded = run(lambda b, t: t if t == 1 else max(t, 5))
+    assert padded.best_k() >= 3
+    assert padded.goodput(padded.best_k()) > 1.05 * padded.goodput(0)
+    _, _, a, b, _ = padded._lines()  # the line through (1 row, 7.7 ms) and (5 rows, 11 ms)
+    assert a + b == pytest.approx(7.7, abs=0.3) and a + 5 * b == pytest.approx(11.0, abs=0.3)

@@ -24,11 +24,19 @@ Worked example (chain, ``a = 5.75``, ``b = 0.25``, ``d0 = 1``, ``d1 = 0.05`` ms)
 with α = 0.8, tokens/ms are 0.167 (k=0), 0.248 (k=1), 0.303 (k=3), 0.306 (k=4), 0.301 (k=5),
 0.271 (k=8) → k = 4; at batch 32 they are 2.33 (k=0), 2.37 (k=1), 2.23 (k=2), 1.92 (k=4)
 → k = 1; and with α = 0.33 at batch 32: 2.33 (k=0), 1.75 (k=1) → speculation off.
+
+Row padding. The engine runs a verification at the cheapest row count at least the one it
+needs (:mod:`osd.specdec.rowcost`: on a CPU 2–4 rows cost more than 5–6), so it gives the
+controller its padding (``rows(B, t)``, set by ``SpeculativeDecoder``) and ``N`` counts the
+rows actually run, ``B · rows(B, 1 + r · k)``: depths 1–4 then cost one verification of 5–6
+rows each, and a line fitted through depth 0 and depth 1 no longer prices depth 4 as four
+times depth 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from osd.specdec.ledger import Ledger
@@ -113,6 +121,14 @@ class SpeculationController:
         self._steps = 0
         self.k = min(max(4, k_min), k_max)
         self.batch = 1  # the batch size of the last depth() call
+        # the engine's row padding: t tokens per sequence at batch B run rows(B, t) rows each
+        self.rows: Callable[[int, int], int] | None = None
+
+    def _verified(self, batch: int, per_seq: float) -> float:
+        """Tokens (rows) a verification of ``per_seq`` tokens per sequence runs."""
+        if self.rows is None:
+            return batch * per_seq
+        return float(batch * self.rows(batch, max(1, math.ceil(per_seq - 1e-9))))
 
     @property
     def alpha(self) -> float:
@@ -136,8 +152,8 @@ class SpeculationController:
 
     def goodput(self, k: int, batch: int = 1) -> float:
         """Expected tokens per ms over the batch when drafting depth ``k``."""
-        c_draft, v0, v1 = self.costs(batch)
-        cost = k * c_draft + v0 + v1 * k
+        d0, d1, a, b, r = self._lines()
+        cost = k * (d0 + d1 * batch) + a + b * self._verified(batch, 1 + r * k)
         return batch * expected_tokens(self.alpha, k) / max(cost, 1e-9)
 
     def best_k(self, batch: int = 1) -> int:
@@ -175,23 +191,33 @@ class SpeculationController:
         """One engine step of ``len(steps)`` sequences."""
         depth = max((s.proposed_depth for s in steps), default=0)
         nodes = sum(s.tree.size for s in steps)
-        self.observe_batch(depth, [s.accepted for s in steps], nodes, ledger)
+        widest = 1 + max((s.tree.size for s in steps), default=0)
+        ran = None if self.rows is None else self._verified(len(steps), widest)
+        self.observe_batch(depth, [s.accepted for s in steps], nodes, ledger, ran)
 
     def observe(self, depth: int, accepted: int, ledger: Ledger) -> None:
         """One batch-1 chain step (kept for callers that step one sequence)."""
         self.observe_batch(depth, [accepted], depth, ledger)
 
     def observe_batch(
-        self, depth: int, accepted: Sequence[int], nodes: int, ledger: Ledger
+        self,
+        depth: int,
+        accepted: Sequence[int],
+        nodes: int,
+        ledger: Ledger,
+        verified: float | None = None,
     ) -> None:
         """Feed one step: its depth, each sequence's accepted count, the tree nodes over the
-        batch; stage times are read as deltas of ``ledger``."""
+        batch (``verified``: the rows the verification ran, when padded); stage times are
+        read as deltas of ``ledger``."""
         dt = {s: ledger.seconds.get(s, 0.0) - self._last.get(s, 0.0) for s in ("propose", "verify")}
         self._last = {s: ledger.seconds.get(s, 0.0) for s in ("propose", "verify")}
         batch = len(accepted)
         if batch == 0:
             return
-        self._verify.add(float(batch + nodes), 1000 * dt["verify"])
+        self._verify.add(
+            float(batch + nodes if verified is None else verified), 1000 * dt["verify"]
+        )
         if depth <= 0:
             return
         self._draft.add(float(batch), 1000 * dt["propose"] / depth)

@@ -174,6 +174,8 @@ class SpeculativeDecoder:
         self.cache = self.lm.new_cache(extra=256)
         self.observers: list[StepObserver] = []
         self.keep_logits = self.keep_hidden = False
+        if controller is not None and hasattr(controller, "rows"):
+            controller.rows = self.rows.rows  # it prices depths by the rows actually run
         for obs in [*observers, *([controller] if controller is not None else [])]:
             self.add_observer(obs)
         if self.drafter.stop is not None:  # the decision model labels its drafted positions
