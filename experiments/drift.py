@@ -63,7 +63,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 FAMILIES = "draft_model,mcsd,medusa,koala-medusa,eagle,koala-eagle,recurrent"
 WINDOW, BEFORE, LAST = 20, 30, 50
 # settings every merged run must share (else their rows are not comparable)
-SHARED = ("n", "max_new_tokens", "steps_per_request", "lr", "seed", "data_dir")
+SHARED = ("n", "max_new_tokens", "steps_per_request", "lr", "seed", "data_dir", "replay", "heads")
+DEFAULTS = {"replay": 0, "heads": None}  # settings older result files predate
 
 
 def family(name: str) -> tuple[str, dict]:
@@ -92,9 +93,10 @@ def merge(doc: dict, paths: list[Path], args) -> list[str]:
         for key in SHARED:
             mine = getattr(args, key)
             mine = str(mine) if isinstance(mine, Path) else mine
-            if cfg.get(key) != mine:
+            theirs = cfg.get(key, DEFAULTS.get(key))
+            if theirs != mine:
                 raise SystemExit(
-                    f"{path}: runs made with {key}={cfg.get(key)!r}, this run has {mine!r}; "
+                    f"{path}: runs made with {key}={theirs!r}, this run has {mine!r}; "
                     "rows at different settings cannot share a table"
                 )
         for key, run in old["runs"].items():
@@ -136,11 +138,14 @@ def run_one(name: str, schedule: str, args) -> dict:
     import torch
 
     from osd.buffer import MemoryBuffer
+    from osd.drafters import drafter_spec
     from osd.models import load_model, load_tokenizer
     from osd.online import REPLAY_DISTILL, OnlineConfig, run_online
 
     spec, shifts = SCHEDULES[schedule](args.n)
     drafter, options = family(name)
+    if args.heads is not None and "heads" in drafter_spec(drafter).options():
+        options["heads"] = str(args.heads / name)  # e.g. warm-started on prose + instruct
     torch.manual_seed(args.seed)
     target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
     tok = load_tokenizer("zoo:target")
@@ -253,6 +258,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--replay", type=int, default=0, help="rehearsed earlier records per trainer step"
+    )
+    ap.add_argument(
+        "--heads",
+        type=Path,
+        default=None,
+        help="head families load DIR/<family> (osd heads train --domains … --out) instead "
+        "of the zoo's heads",
     )
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, required=True, help="results (rewritten after each run)")

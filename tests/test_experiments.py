@@ -115,6 +115,10 @@ def test_drift_merge_keeps_earlier_runs_and_draws_every_family(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", [*argv[:4], "99", *argv[5:], "--merge", str(old)])
     with pytest.raises(SystemExit, match="n=120"):
         drift.main()
+    # files from before rehearsal were made without it: not mixed with a --replay run
+    monkeypatch.setattr(sys, "argv", [*argv, "--replay", "4", "--merge", str(old)])
+    with pytest.raises(SystemExit, match="replay=0"):
+        drift.main()
 
 
 def test_cost_rows_average_rounds_and_compare_with_the_trainer_off():
