@@ -52,9 +52,6 @@ class RowPadding:
                 best, cost = u, self.costs[b * u - 1]
         return best if cost < (1 - self.margin) * need else t
 
-    def as_dict(self) -> dict:
-        return {"ms": [round(c, 4) for c in self.costs], "margin": self.margin}
-
 
 _MEASURED: dict[tuple, RowPadding] = {}
 
