@@ -70,6 +70,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,7 @@ from torch import Tensor, nn
 from osd.drafters.base import DecodeState, Drafter
 from osd.drafters.heads import HeadConfig, ResBlock
 from osd.specdec.decision import AcceptPredictor
+from osd.specdec.packed import linear_module
 from osd.specdec.sampling import warp_probs
 from osd.specdec.tree import TokenTree
 
@@ -292,6 +294,7 @@ class RecurrentDrafter(Drafter):
         self.config = config
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
+        self._logits = partial(linear_module, self.lm_head)  # packed on the CPU
         self.shape = BeamShape(width, length)
         self.stochastic = stochastic
         self.all_levels = all_levels
@@ -326,7 +329,7 @@ class RecurrentDrafter(Drafter):
             shape = BeamShape(self.shape.width, max(limit[i] for i in beams))
             lims = [limit[i] for i in beams]
             levels, _, feats = beam_search(
-                self.head, self.embed, self.lm_head, h, root, shape, self.stop, lims
+                self.head, self.embed, self._logits, h, root, shape, self.stop, lims
             )
             for row, i in enumerate(beams):
                 n = lims[row]
@@ -340,7 +343,7 @@ class RecurrentDrafter(Drafter):
             got = sample_tree(
                 self.head,
                 self.embed,
-                self.lm_head,
+                self._logits,
                 [states[i] for i in sampled],
                 h,
                 self.shape,

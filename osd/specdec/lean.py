@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osd.specdec.kvcache import KVCache
+from osd.specdec.packed import linear, linear_module
 
 _LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -98,8 +99,25 @@ class Merged:
             for ly, (p, b) in zip(self.layers, self._ptrs, strict=True)
         )
 
+    def stamp(self) -> tuple[int, ...] | None:
+        """The layers' version counters (a view made by assigning ``.data`` has its own):
+        they move when a layer's weight is changed in place; ``None`` for inference
+        tensors, which keep none."""
+        ps = [ly.weight for ly in self.layers] + (
+            [] if self.bias is None else [ly.bias for ly in self.layers]
+        )
+        if any(p.is_inference() for p in ps):
+            return None
+        return tuple(p._version for p in ps)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        stamp = self.stamp()
+        if stamp is None:
+            return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, stamp)
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(self.linear(x).split(self.sizes, dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,7 +183,7 @@ class LeanLM:
         if gu is None:
             return mlp(x)
         g, u = gu(x)
-        return mlp.down_proj(mlp.act_fn(g) * u)
+        return linear_module(mlp.down_proj, mlp.act_fn(g) * u)
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +264,7 @@ class LeanLM:
             x = self._norm(layer.input_layernorm, h)
             qkv = self._qkv(i)
             if qkv is not None:
-                y = F.linear(x, qkv.weight, qkv.bias).view(b, t, nh + 2 * nkv, hd)
+                y = qkv.linear(x).view(b, t, nh + 2 * nkv, hd)
                 qk = _rotate(y[:, :, : nh + nkv], cos, sin)  # q and k heads at once
                 q, k, v = qk[:, :, :nh], qk[:, :, nh:], y[:, :, nh + nkv :]  # [b, T, heads, d]
             else:
@@ -264,7 +282,7 @@ class LeanLM:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
             )
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            h = h + linear_module(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
         h = self._norm(self.base.norm, h)
         out = h if hidden else None
@@ -272,7 +290,7 @@ class LeanLM:
             return None, out
         if logits_at is not None:
             h = h[torch.arange(b, device=dev), logits_at.to(dev)]  # [b, H]
-        return self.model.lm_head(h), out
+        return linear_module(self.model.lm_head, h), out
 
 
 def _dense_order(slots: torch.Tensor) -> torch.Tensor | None:
