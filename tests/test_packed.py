@@ -90,3 +90,19 @@ def test_hot_swap_in_place_is_seen_by_the_next_forward():
         ref_step = model(torch.tensor([ids])).logits[0]
     assert not torch.allclose(ref_step, ref_new, atol=1e-3)
     torch.testing.assert_close(_lean_logits(lm, ids), ref_step, atol=1e-5, rtol=1e-4)
+
+
+@needs_onednn
+def test_two_engines_over_one_model_share_merges_and_packed_copies():
+    """A bench's methods (or a replica's decoders) each build a LeanLM over the same target:
+    they share its merged weights, so running them in turn neither re-merges nor repacks."""
+    model = _tiny(0)
+    a, b = LeanLM(model), LeanLM(model)
+    ids = [3, 9, 27, 17]
+    _lean_logits(a, ids)
+    held = {k: v[1] for k, v in packed._PACKED.items()}
+    merged = dict(a._merged)
+    _lean_logits(b, ids)
+    _lean_logits(a, ids)
+    assert all(a._merged[k] is m for k, m in merged.items())
+    assert all(packed._PACKED[k][1] is p for k, p in held.items() if k in packed._PACKED)

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +78,6 @@ from torch import Tensor, nn
 from osd.drafters.base import DecodeState, Drafter
 from osd.drafters.heads import HeadConfig, ResBlock
 from osd.specdec.decision import AcceptPredictor
-from osd.specdec.packed import linear_module
 from osd.specdec.sampling import warp_probs
 from osd.specdec.tree import TokenTree
 
@@ -294,7 +292,6 @@ class RecurrentDrafter(Drafter):
         self.config = config
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
-        self._logits = partial(linear_module, self.lm_head)  # packed on the CPU
         self.shape = BeamShape(width, length)
         self.stochastic = stochastic
         self.all_levels = all_levels
@@ -329,7 +326,7 @@ class RecurrentDrafter(Drafter):
             shape = BeamShape(self.shape.width, max(limit[i] for i in beams))
             lims = [limit[i] for i in beams]
             levels, _, feats = beam_search(
-                self.head, self.embed, self._logits, h, root, shape, self.stop, lims
+                self.head, self.embed, self.lm_head, h, root, shape, self.stop, lims
             )
             for row, i in enumerate(beams):
                 n = lims[row]
@@ -343,7 +340,7 @@ class RecurrentDrafter(Drafter):
             got = sample_tree(
                 self.head,
                 self.embed,
-                self._logits,
+                self.lm_head,
                 [states[i] for i in sampled],
                 h,
                 self.shape,

@@ -36,12 +36,15 @@ reason at load time.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from osd.specdec.kvcache import KVCache
 from osd.specdec.packed import linear, linear_module
+from osd.specdec.rowcost import RowPadding, row_padding
 
 _LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,20 +113,23 @@ class Merged:
             return None
         return tuple(p._version for p in ps)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        stamp = self.stamp()
+    def linear(self, x: torch.Tensor, packed: bool = True) -> torch.Tensor:
+        stamp = self.stamp() if packed else None
         if stamp is None:
             return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, stamp)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.linear(x).split(self.sizes, dim=-1))
+    def __call__(self, x: torch.Tensor, packed: bool = True) -> list[torch.Tensor]:
+        return list(self.linear(x, packed).split(self.sizes, dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (HF's rotate-half convention) of ``x`` [b, T, heads, d]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_MERGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its merges
 
 
 class LeanLM:
@@ -156,9 +162,13 @@ class LeanLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.context = int(getattr(cfg, "max_position_embeddings", 1 << 20))
         self.vocab = cfg.vocab_size
-        self._merged: dict[tuple[int, str], Merged | None] = {}
+        # shared by every LeanLM over this model: two engines over one target (a bench's
+        # methods, a replica's decoders) would otherwise re-merge — and repack — each
+        # other's weights at every switch
+        self._merged: dict[tuple[int, str], Merged | None] = _MERGES.setdefault(model, {})
         for i in range(len(layers)):
             self._qkv(i), self._gate_up(i)
+        self._plan: RowPadding | None = None
 
     def _merge(self, i: int, what: str, layers: list[nn.Module]) -> Merged | None:
         m = self._merged.get((i, what))
@@ -177,13 +187,13 @@ class LeanLM:
             return None
         return self._merge(i, "gate_up", [mlp.gate_proj, mlp.up_proj])
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor, packed: bool) -> torch.Tensor:
         mlp = self.layers[i].mlp
         gu = self._gate_up(i)
         if gu is None:
             return mlp(x)
-        g, u = gu(x)
-        return linear_module(mlp.down_proj, mlp.act_fn(g) * u)
+        g, u = gu(x, packed)
+        return linear_module(mlp.down_proj, mlp.act_fn(g) * u, packed)
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +201,13 @@ class LeanLM:
         if type(norm).__name__ in _RMS_NORMS and w is not None and x.dtype == torch.float32:
             return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
         return norm(x)
+
+    def plan(self) -> RowPadding:
+        """This model's measured costs per row count (:func:`~osd.specdec.rowcost.row_padding`,
+        once per process per shapes): which linear to run a forward of ``m`` rows through."""
+        if self._plan is None:
+            self._plan = row_padding(self)
+        return self._plan
 
     @property
     def device(self) -> torch.device:
@@ -255,6 +272,7 @@ class LeanLM:
         dense = bool(torch.equal(slots, torch.arange(lo, lo + b, device=dev)))
         rows = slots[:, None]  # [b, 1]
         h = self.base.embed_tokens(ids)  # [b, T, H]
+        pk = self.plan().use_packed(b * t)  # the cheaper linear at this many rows
         cos, sin = self.base.rotary_emb(h, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [b, T, 1, d]
         gqa = self.kv_heads != self.heads
@@ -264,7 +282,7 @@ class LeanLM:
             x = self._norm(layer.input_layernorm, h)
             qkv = self._qkv(i)
             if qkv is not None:
-                y = qkv.linear(x).view(b, t, nh + 2 * nkv, hd)
+                y = qkv.linear(x, pk).view(b, t, nh + 2 * nkv, hd)
                 qk = _rotate(y[:, :, : nh + nkv], cos, sin)  # q and k heads at once
                 q, k, v = qk[:, :, :nh], qk[:, :, nh:], y[:, :, nh + nkv :]  # [b, T, heads, d]
             else:
@@ -282,15 +300,15 @@ class LeanLM:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
             )
-            h = h + linear_module(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
-            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
+            h = h + linear_module(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1), pk)
+            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), pk)
         h = self._norm(self.base.norm, h)
         out = h if hidden else None
         if not logits:
             return None, out
         if logits_at is not None:
             h = h[torch.arange(b, device=dev), logits_at.to(dev)]  # [b, H]
-        return linear_module(self.model.lm_head, h), out
+        return linear_module(self.model.lm_head, h, pk), out
 
 
 def _dense_order(slots: torch.Tensor) -> torch.Tensor | None:

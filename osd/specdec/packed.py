@@ -60,6 +60,7 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stamp: tuple = (),
+    packed: bool = True,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed copy of ``weight`` where that applies.
     ``stamp``: what else says the weight changed — the version counters of parameters
@@ -74,7 +75,7 @@ def linear(
     >>> ok and ok2
     True
     """
-    if not _applies(x, weight):
+    if not (packed and _applies(x, weight)):
         return F.linear(x, weight, bias)
     key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), stamp)
     held = _PACKED.get(id(weight))
@@ -87,10 +88,10 @@ def linear(
     return _run(x, held[1], None if bias is None else bias.detach())
 
 
-def linear_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear_module(module: torch.nn.Module, x: torch.Tensor, packed: bool = True) -> torch.Tensor:
     """``module(x)``; a plain ``nn.Linear`` through :func:`linear` (a wrapper — LoRA, … —
     runs its own forward)."""
-    if type(module) is torch.nn.Linear:
+    if packed and type(module) is torch.nn.Linear:
         return linear(x, module.weight, module.bias)
     return module(x)
 

@@ -11,8 +11,10 @@ nothing else (padding rows see only themselves and their logits are never read).
 shapes, dtype and thread count) at 1…``max_rows`` rows, cycling through up to
 ``budget_mb`` of its weights so that, as in a real step, they stream from memory; the
 resulting :class:`RowPadding` answers ``rows(b, t)``: the ``t' ≥ t`` whose ``b · t'``-row
-matmuls are cheapest — ``t`` itself unless another is clearly (≥ ``margin``) cheaper. Off
-the CPU (a GPU's small-row matmuls are flat) it never pads.
+matmuls are cheapest — ``t`` itself unless another is clearly (≥ ``margin``) cheaper —
+and ``use_packed(m)``: whether the packed oneDNN linear (:mod:`osd.specdec.packed`) or
+PyTorch's default is the cheaper at ``m`` rows, measured the same way. Off the CPU (a
+GPU's small-row matmuls are flat) it never pads.
 """
 
 from __future__ import annotations
@@ -20,27 +22,36 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
-from osd.specdec.packed import linear
+from osd.specdec.packed import available, linear
 
 MAX_ROWS = 16
 
 
 class RowPadding:
-    """Cost per row count (``costs[m - 1]`` for ``m`` rows) → the row count to run at.
+    """Cost per row count (``costs[m - 1]`` for ``m`` rows) → the row count to run at; and,
+    per row count, which linear is cheaper here: the packed oneDNN one or PyTorch's default
+    (``packed[m - 1]``; none measured: the default).
 
     >>> pad = RowPadding([6.7, 9.2, 9.5, 8.6, 7.7, 7.1, 7.6, 8.2])
     >>> [pad.rows(1, t) for t in range(1, 9)]
     [1, 6, 6, 6, 5, 6, 7, 8]
     >>> pad.rows(2, 1), pad.rows(2, 3), pad.rows(3, 3), pad.rows(1, 20)
     (3, 3, 3, 20)
-    >>> RowPadding([]).rows(1, 3)
-    3
+    >>> RowPadding([]).rows(1, 3), RowPadding([]).use_packed(3)
+    (3, False)
+    >>> p = RowPadding([1.0, 2.0], packed=[False, True])
+    >>> p.use_packed(1), p.use_packed(2), p.use_packed(40)
+    (False, True, True)
     """
 
-    def __init__(self, costs: list[float], margin: float = 0.08) -> None:
+    def __init__(
+        self, costs: list[float], margin: float = 0.08, packed: list[bool] | None = None
+    ) -> None:
         self.costs = list(costs)
         self.margin = margin
+        self.packed = list(packed or [])
 
     def rows(self, b: int, t: int) -> int:
         """The rows per sequence to run ``b`` sequences of ``t`` needed rows at."""
@@ -52,6 +63,13 @@ class RowPadding:
             if self.costs[b * u - 1] < cost:
                 best, cost = u, self.costs[b * u - 1]
         return best if cost < (1 - self.margin) * need else t
+
+    def use_packed(self, m: int) -> bool:
+        """Run a forward of ``m`` rows through the packed linears? (beyond the measured
+        counts: as at the largest)"""
+        if not self.packed:
+            return False
+        return self.packed[min(m, len(self.packed)) - 1]
 
 
 _MEASURED: dict[tuple, RowPadding] = {}
@@ -85,9 +103,12 @@ def _weights(lm, budget_mb: float) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def measure(lm, max_rows: int = MAX_ROWS, reps: int = 3, budget_mb: float = 64.0) -> list[float]:
+def measure(
+    lm, max_rows: int = MAX_ROWS, reps: int = 3, budget_mb: float = 64.0, packed: bool = False
+) -> list[float]:
     """ms per pass over ``lm``'s linear weights at 1…``max_rows`` rows (min of ``reps``
-    passes; the row counts interleaved so that drift in the machine's load hits all)."""
+    passes; the row counts interleaved so that drift in the machine's load hits all),
+    through PyTorch's default linear or (``packed``) the packed oneDNN one."""
     weights = _weights(lm, budget_mb)
     dims = {int(w.shape[1]) for w in weights}
     gen = torch.Generator().manual_seed(0)
@@ -96,12 +117,13 @@ def measure(lm, max_rows: int = MAX_ROWS, reps: int = 3, budget_mb: float = 64.0
         for m in range(1, max_rows + 1)
         for d in dims
     }
+    run = linear if packed else F.linear
     best = [float("inf")] * max_rows
     for rep in range(reps + 1):
         for m in range(1, max_rows + 1):
             start = time.perf_counter()
             for w in weights:
-                linear(xs[(m, int(w.shape[1]))], w)  # as the forward runs them
+                run(xs[(m, int(w.shape[1]))], w)
             if rep:  # the first pass warms up
                 best[m - 1] = min(best[m - 1], 1e3 * (time.perf_counter() - start))
     return best
@@ -109,12 +131,25 @@ def measure(lm, max_rows: int = MAX_ROWS, reps: int = 3, budget_mb: float = 64.0
 
 def row_padding(lm, max_rows: int = MAX_ROWS) -> RowPadding:
     """The :class:`RowPadding` of ``lm`` (a :class:`~osd.specdec.lean.LeanLM`), measured
-    once per process per weight shapes, dtype, device and thread count; no padding off
-    the CPU."""
+    once per process per weight shapes, dtype, device and thread count, with both linears
+    where the packed one applies (which is cheaper depends on the model's size, the row
+    count and the OpenMP wait policy: with ``PASSIVE`` the zoo's small matmuls are
+    cheaper through MKL, SmolLM2's through oneDNN); no padding off the CPU."""
     if lm.device.type != "cpu":
         return RowPadding([])
     shapes = tuple(tuple(p.shape) for p in lm.model.parameters())
     key = (shapes, lm.dtype, torch.get_num_threads(), max_rows)
     if key not in _MEASURED:
-        _MEASURED[key] = RowPadding(measure(lm, max_rows))
+        plain = measure(lm, max_rows)
+        if available() and lm.dtype == torch.float32:
+            packed = measure(lm, max_rows, packed=True)
+            # one row (a decode step) on its own; the rest as one decision over their sum —
+            # single counts are too noisy to pick per count (threads waking, cache residue)
+            one = packed[0] < plain[0]
+            many = sum(packed[1:]) < sum(plain[1:])
+            use = [one] + [many] * (max_rows - 1)
+            cost = [p if u else c for p, c, u in zip(packed, plain, use, strict=True)]
+            _MEASURED[key] = RowPadding(cost, packed=use)
+        else:
+            _MEASURED[key] = RowPadding(plain)
     return _MEASURED[key]
