@@ -111,7 +111,8 @@ def test_exploration_backs_off_in_a_settled_regime_and_restarts_when_it_moves():
     gap to plain decoding (issue 11); the gap doubles while the best depth stays put."""
     big = simulate_load(32, alpha=0.33, steps=1000)
     assert big.best_k(32) == 0
-    assert big.explored <= 8  # 16, 32, 64, 128, 256, 256, 256: not 1000 / 16 = 62
+    # 16, 32, 64, 128, 256, 256, 256 (each from depth 0: two steps): not 1000 / 16 = 62
+    assert big.explored <= 16
     ctl = SpeculationController(k_max=6)
     ctl._explored_best, ctl._gap = 0, 128  # settled at depth 0 ...
     ctl._next = 1
@@ -144,3 +145,28 @@ def test_prices_depths_by_the_padded_rows_the_engine_runs():
     assert padded.goodput(padded.best_k()) > 1.05 * padded.goodput(0)
     _, _, a, b, _ = padded._lines()  # the line through (1 row, 7.7 ms) and (5 rows, 11 ms)
     assert a + b == pytest.approx(7.7, abs=0.3) and a + 5 * b == pytest.approx(11.0, abs=0.3)
+
+
+def test_a_catch_up_after_plain_steps_is_not_priced_as_a_draft_level():
+    """After steps that did not draft, the draft model catches up on every token since in
+    its next propose; priced as a level's cost, an exploration from depth 0 found drafting
+    20x too dear and the controller never drafted again, though acceptance had recovered
+    (the adaptive chain stuck at depth 0 while the fixed k=4 chain ran 1.3x faster)."""
+    rng = random.Random(0)
+    ctl, ledger = SpeculationController(k_max=8), Ledger()
+    since = 0  # tokens since the draft last ran
+    for step in range(1500):
+        alpha = 0.05 if step < 300 else 0.8  # acceptance collapses, then recovers
+        k = ctl.depth()
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        catch_up = 0.2 * since if k else 0.0
+        since = 0 if k else since + 1
+        ledger.seconds["propose"] += (k * 1.0 + catch_up) / 1000
+        ledger.seconds["verify"] += (6.0 + 0.25 * k) / 1000
+        ctl.observe(k, accepted, ledger)
+        if step == 299:
+            assert ctl.best_k() == 0  # speculation off while nothing is accepted
+    assert ctl.costs()[0] < 1.5  # ms per level: the level's cost, not the catch-up's
+    assert ctl.best_k() >= 3

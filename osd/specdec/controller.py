@@ -110,7 +110,9 @@ class SpeculationController:
         self._gap = explore_every  # steps until the next exploration (backs off)
         self._next = explore_every
         self._explored_best: int | None = None
+        self._exploring: tuple[int, int] | None = None  # (depth, steps left) of an exploration
         self.explored = 0  # steps that drafted a neighbour of the best depth
+        self._drafted = False  # did the last observed step draft?
         self._acc = _Decayed(decay)  # y = accepted per sequence step
         self._trials = _Decayed(decay)  # y = positions reached
         self._draft = _Decayed(decay)  # ms per draft level vs batch size
@@ -164,6 +166,12 @@ class SpeculationController:
         """The depth to draft this step, for ``batch`` sequences."""
         self._steps += 1
         self.batch = batch
+        if self._exploring is not None:  # an exploration's second step
+            k, left = self._exploring
+            self._exploring = (k, left - 1) if left > 1 else None
+            self.explored += 1
+            self.k = k
+            return k
         best = self.best_k(batch)
         # now and then try a neighbour so the cost lines see more than one point; back off
         # (double the gap, up to explore_max) while each exploration finds the same best
@@ -177,6 +185,8 @@ class SpeculationController:
             self._next = self._steps + self._gap
             best = min(self.k_max, best + 1) if best < self.k_max else best - 1
             self.explored += 1
+            if self._drafted != (best > 0):  # from depth 0 or to it: two steps (see below)
+                self._exploring = (max(self.k_min, best), 1)
         self.k = max(self.k_min, best)
         return self.k
 
@@ -218,9 +228,15 @@ class SpeculationController:
         self._verify.add(
             float(batch + nodes if verified is None else verified), 1000 * dt["verify"]
         )
+        drafted_before, self._drafted = self._drafted, depth > 0
         if depth <= 0:
             return
-        self._draft.add(float(batch), 1000 * dt["propose"] / depth)
+        # after steps that did not draft, the draft's catch-up over every token since is in
+        # this step's propose time: not the cost of a level (a controller that priced it so
+        # would find drafting too dear at every exploration from depth 0, and stay there);
+        # an exploration from depth 0 therefore drafts two steps, the second one measured
+        if drafted_before:
+            self._draft.add(float(batch), 1000 * dt["propose"] / depth)
         self._ratio.add(0.0, nodes / (batch * depth))
         for acc in accepted:
             self._acc.add(0.0, float(acc))
