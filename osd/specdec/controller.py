@@ -110,7 +110,7 @@ class SpeculationController:
         self._gap = explore_every  # steps until the next exploration (backs off)
         self._next = explore_every
         self._explored_best: int | None = None
-        self._exploring: tuple[int, int] | None = None  # (depth, steps left) of an exploration
+        self._again: int | None = None  # an exploration from depth 0: its depth, drafted again
         self.explored = 0  # steps that drafted a neighbour of the best depth
         self._drafted = False  # did the last observed step draft?
         self._acc = _Decayed(decay)  # y = accepted per sequence step
@@ -166,12 +166,10 @@ class SpeculationController:
         """The depth to draft this step, for ``batch`` sequences."""
         self._steps += 1
         self.batch = batch
-        if self._exploring is not None:  # an exploration's second step
-            k, left = self._exploring
-            self._exploring = (k, left - 1) if left > 1 else None
+        if self._again is not None:  # an exploration's second step
+            self.k, self._again = self._again, None
             self.explored += 1
-            self.k = k
-            return k
+            return self.k
         best = self.best_k(batch)
         # now and then try a neighbour so the cost lines see more than one point; back off
         # (double the gap, up to explore_max) while each exploration finds the same best
@@ -186,7 +184,7 @@ class SpeculationController:
             best = min(self.k_max, best + 1) if best < self.k_max else best - 1
             self.explored += 1
             if self._drafted != (best > 0):  # from depth 0 or to it: two steps (see below)
-                self._exploring = (max(self.k_min, best), 1)
+                self._again = max(self.k_min, best)
         self.k = max(self.k_min, best)
         return self.k
 

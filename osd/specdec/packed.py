@@ -81,10 +81,10 @@ def linear(
     held = _PACKED.get(id(weight))
     if held is None or held[0] != key:
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+            copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
         if held is None:
             weakref.finalize(weight, _PACKED.pop, id(weight), None)
-        _PACKED[id(weight)] = held = (key, packed)
+        _PACKED[id(weight)] = held = (key, copy)
     return _run(x, held[1], None if bias is None else bias.detach())
 
 

@@ -132,9 +132,9 @@ def measure(
 def row_padding(lm, max_rows: int = MAX_ROWS) -> RowPadding:
     """The :class:`RowPadding` of ``lm`` (a :class:`~osd.specdec.lean.LeanLM`), measured
     once per process per weight shapes, dtype, device and thread count, with both linears
-    where the packed one applies (which is cheaper depends on the model's size, the row
-    count and the OpenMP wait policy: with ``PASSIVE`` the zoo's small matmuls are
-    cheaper through MKL, SmolLM2's through oneDNN); no padding off the CPU."""
+    where the packed one applies (which is cheaper may depend on the model's size, the row
+    count and the OpenMP wait policy, so it is measured, not assumed); no padding off the
+    CPU."""
     if lm.device.type != "cpu":
         return RowPadding([])
     shapes = tuple(tuple(p.shape) for p in lm.model.parameters())
