@@ -22,6 +22,9 @@ SHAPES = {
     "tree_2_2_2_1": ("draft_model", {"tree": "2,2,2,1"}),
     "self_tree_3_2": ("self", {"tree": "3,2"}),  # the target as its own draft: α = 1
     "ngram_k4": ("ngram", {"k": 4}),
+    "ngram_tree": ("ngram", {"k": 6, "nodes": 8}),
+    # the history fills as sequences finish: trees differ serial vs batched, not outputs
+    "ngram_tree_history": ("ngram", {"k": 6, "nodes": 8, "history": 4096}),
     "none": ("none", {}),
 }
 
@@ -99,7 +102,7 @@ def test_batched_greedy_equals_serial_and_hf(zoo, cases, shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["chain_k4", "tree_4_2_2", "ngram_k4"])
+@pytest.mark.parametrize("shape", ["chain_k4", "tree_4_2_2", "ngram_k4", "ngram_tree"])
 def test_seeded_sampling_is_batch_invariant(zoo, cases, shape):
     def sampling(i):
         return SamplingParams(temperature=0.8 + 0.1 * (i % 3), top_p=0.95, seed=100 + i)

@@ -24,9 +24,18 @@ def test_default_methods_by_drafter_name():
         "ours draft tree 2,2,1",
         "ours draft tree 4,2,2",
         "ours ngram k=4",
+        "ours ngram tree",
+        "ours ngram tree+history",
     ]
     ngram = default_methods(3, ["ngram", "none"])
-    assert [m.name for m in ngram] == ["target_only (HF)", "ours target_only", "ours ngram k=3"]
+    assert [m.name for m in ngram] == [
+        "target_only (HF)",
+        "ours target_only",
+        "ours ngram k=3",
+        "ours ngram tree",
+        "ours ngram tree+history",
+    ]
+    assert dict(ngram[-1].options) == {"nodes": 10, "history": 1 << 16}
     assert ngram[0].kind == "hf"  # the reference of speedup and matches_target comes first
     with pytest.raises(ValueError, match="unknown drafter 'redrafter'; choose from"):
         default_methods(4, ["redrafter"])

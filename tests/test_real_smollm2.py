@@ -93,8 +93,13 @@ def _run_batched(dec, cases, admit_every=1):
 
 @pytest.mark.parametrize(
     "name,opts",
-    [("draft_model", {"k": 4}), ("draft_model", {"tree": "2,2,1"}), ("ngram", {"k": 4})],
-    ids=["draft_chain_k4", "draft_tree_2_2_1", "ngram_k4"],
+    [
+        ("draft_model", {"k": 4}),
+        ("draft_model", {"tree": "2,2,1"}),
+        ("ngram", {"k": 4}),
+        ("ngram", {"k": 8, "nodes": 10, "history": 1 << 16}),
+    ],
+    ids=["draft_chain_k4", "draft_tree_2_2_1", "ngram_k4", "ngram_tree_history"],
 )
 def test_batched_greedy_equals_hf_greedy(real, cases, name, opts):
     target, draft, tok = real

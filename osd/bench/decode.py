@@ -45,10 +45,15 @@ class Method:
     adaptive: bool = False
     shortlist: bool = False  # draft over the draft's frequent-token shortlist (FR-Spec)
     early_stop: float | None = None  # the online decision model's threshold (chains)
+    options: tuple[tuple[str, int], ...] = ()  # more drafter options, as (name, value)
 
 
 DEFAULT_DRAFTERS = ("draft_model", "ngram")
 SHORTLIST_VARIANT = "draft_model+shortlist"
+# the n-gram suffix tree's bench variants: depth, node budget, history (tokens) kept
+NGRAM_TREE_DEPTH = 8
+NGRAM_TREE = (("nodes", 10),)
+NGRAM_HISTORY = 1 << 16
 
 
 def _drafter_methods(name: str, k: int) -> list[Method]:
@@ -74,6 +79,18 @@ def _drafter_methods(name: str, k: int) -> list[Method]:
             Method("ours draft chain k=8 early-stop", "ours", "draft_model", k=8, early_stop=0.3),
             Method("ours draft tree 2,2,1", "ours", "draft_model", tree="2,2,1"),
             Method("ours draft tree 4,2,2", "ours", "draft_model", tree="4,2,2"),
+        ]
+    if name == "ngram":
+        return [
+            Method(f"ours ngram k={k}", "ours", "ngram", k=k),
+            Method("ours ngram tree", "ours", "ngram", k=NGRAM_TREE_DEPTH, options=NGRAM_TREE),
+            Method(
+                "ours ngram tree+history",
+                "ours",
+                "ngram",
+                k=NGRAM_TREE_DEPTH,
+                options=(*NGRAM_TREE, ("history", NGRAM_HISTORY)),
+            ),
         ]
     if "k" not in drafter_spec(name).options():  # head drafters: their own tree, row = name
         return [Method(name, "ours", name)]
@@ -140,6 +157,7 @@ def _runner(
 
         return run
     extra = {"shortlist": True} if method.shortlist else {}
+    extra.update(method.options)
     if method.early_stop is not None:
         extra["early_stop"] = method.early_stop
     drafter = build_drafter(
@@ -154,6 +172,7 @@ def _runner(
         out = dec.generate(ids, max_new_tokens=max_new)
         return out.tokens, out.stats, out.ledger
 
+    run.reset = drafter.reset  # after the warm-up: a history must not hold its output
     return run
 
 
@@ -190,6 +209,7 @@ def run_bench(
     warm = prompts[0][:8]
     for run in runners.values():  # warm-up: first-call allocations, lazy imports
         run(warm)
+        getattr(run, "reset", lambda: None)()
     for i, ids in enumerate(prompts):
         order = methods[i % len(methods) :] + methods[: i % len(methods)]
         outputs = {}
@@ -233,6 +253,7 @@ def _report(
             "tree": m.tree,
             "adaptive": m.adaptive,
             "shortlist": m.shortlist,
+            "options": dict(m.options),
             "tokens_per_s": tps,
             "speedup": tps / base_tps,
             "matches_target": t.matches,

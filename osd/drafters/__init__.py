@@ -16,7 +16,7 @@ the registry get what to train, predict and version with :func:`build_student`, 
 >>> build_drafter("ngram", None, depth=3)
 Traceback (most recent call last):
     ...
-ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram
+ValueError: drafter 'ngram' takes no option 'depth'; it takes: k, max_ngram, min_ngram, nodes, history
 >>> sorted(name for name, spec in DRAFTERS.items() if spec.trainable)
 ['draft_model', 'eagle', 'koala-eagle', 'koala-medusa', 'medusa', 'mixture', 'recurrent']
 """
@@ -93,8 +93,16 @@ def _draft_model_student(drafter: Drafter) -> Student:
     return CausalLMStudent(drafter.model)
 
 
-def _ngram(target=None, draft=None, k: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> Drafter:
-    return NgramDrafter(k=k, max_ngram=max_ngram, min_ngram=min_ngram)
+def _ngram(
+    target=None,
+    draft=None,
+    k: int = 4,
+    max_ngram: int = 3,
+    min_ngram: int = 1,
+    nodes: int = 0,
+    history: int = 0,
+) -> Drafter:
+    return NgramDrafter(k, max_ngram, min_ngram, nodes, history)
 
 
 DRAFTERS: dict[str, DrafterSpec] = {
@@ -108,7 +116,13 @@ DRAFTERS: dict[str, DrafterSpec] = {
             "a separate draft model: chain of k or k-config tree",
             student=_draft_model_student,
         ),
-        DrafterSpec("ngram", _ngram, False, "prompt lookup (model-free baseline)"),
+        DrafterSpec(
+            "ngram",
+            _ngram,
+            False,
+            "prompt lookup (model-free): a chain, or a suffix tree of `nodes` over the "
+            "sequence and the `history` of finished ones",
+        ),
         DrafterSpec(
             "mixture",
             build_mixture,

@@ -129,6 +129,10 @@ class Drafter:
     def release(self, state: DecodeState) -> None:
         """The sequence is gone: free what ``start`` set up."""
 
+    def reset(self) -> None:
+        """Forget what earlier sequences taught it without training (the n-gram drafter's
+        history); ``osd bench`` calls it after its warm-up."""
+
     def check_domain(self, domain: str | None) -> None:
         """Refuse (``ValueError``) a request's domain tag this drafter cannot serve; any
         tag by default (it only labels the request's record)."""
