@@ -22,9 +22,7 @@ SHAPES = {
     "tree_2_2_2_1": ("draft_model", {"tree": "2,2,2,1"}),
     "self_tree_3_2": ("self", {"tree": "3,2"}),  # the target as its own draft: α = 1
     "ngram_k4": ("ngram", {"k": 4}),
-    "ngram_tree": ("ngram", {"k": 6, "nodes": 8}),
-    # the history fills as sequences finish: trees differ serial vs batched, not outputs
-    "ngram_tree_history": ("ngram", {"k": 6, "nodes": 8, "history": 4096}),
+    "ngram_tree": ("ngram", {"k": 6, "nodes": 8}),  # with a history: tests/test_ngram.py
     "none": ("none", {}),
 }
 
