@@ -111,6 +111,8 @@ def test_eos_inside_an_accepted_draft_stops_like_target(zoo, data_dir):
         out = dec.generate(ids, max_new_tokens=60)
         assert out.tokens == ref[: ref.index(tok.eos_token_id) + 1]
         assert out.finish_reason == "stop"
+        if found == 5:  # enough EOS cases; the rest of the 20 only cost time
+            break
     assert found >= 3, "the zoo target should end short SQL answers with EOS"
 
 
