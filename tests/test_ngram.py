@@ -149,3 +149,21 @@ def test_decode_all_releases_into_the_history(zoo):
     dec.eos = set()  # exactly 4 new tokens each
     decode_all(dec, [[5, 6, 7], [8, 9]], 4)
     assert len(d._past) == 3 + 4 + 1 + 2 + 4 + 1  # tokens and a boundary each
+
+
+def test_drift_experiment_runs_and_reports(tmp_path):
+    """``experiments/ngram_drift.py`` end to end on a short stream: its JSON and figure."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    import ngram_drift
+
+    out = tmp_path / "d.json"
+    args = ["--n", "60", "--schedules", "return", "--max-new-tokens", "6", "--window", "10"]
+    rep = ngram_drift.main([*args, "--json", str(out), "--plot", str(tmp_path / "d.png")])
+    run = rep["runs"]["return"]
+    assert run["shifts"] == [20, 40] and len(run["windows"]) == 6
+    assert set(run["time_to_recover"]) == {"online", "frozen"} and "forgetting" in run
+    assert {"final_gain", "final_gain_novel", "repeats", "tau_last50"} <= set(run)
+    assert out.exists() and (tmp_path / "d.png").stat().st_size > 0
