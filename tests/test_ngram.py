@@ -68,6 +68,10 @@ def test_history_drafts_what_finished_sequences_generated_and_stays_bounded():
     assert d.propose(_started(d, [129, 7]), 4).tokens.tolist()[0] == 7
     d.reset()
     assert d.propose(_started(d, [8, 1, 2]), 4).size == 0
+    tiny = NgramDrafter(k=2, nodes=2, history=1)  # keeps nothing, never grows
+    for _ in range(3):
+        tiny.release(_started(tiny, [1, 2, 3]))
+        assert len(tiny._past) == 0
 
 
 def test_sequence_boundaries_stop_continuations():

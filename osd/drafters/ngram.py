@@ -172,7 +172,7 @@ class NgramDrafter(Drafter):
     def _remember(self, tokens: list[int]) -> None:
         self._past.extend([*tokens, _SEP])
         if len(self._past) > self.history:  # keep the newest half: rebuilt, amortised O(1)
-            keep = self._past.tokens[-(self.history // 2) :]
+            keep = self._past.tokens[len(self._past) - self.history // 2 :]
             self._past = NgramIndex(self.min_ngram, self.max_ngram)
             self._past.extend(keep)
 
