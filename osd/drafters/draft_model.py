@@ -211,6 +211,7 @@ class DraftModelDrafter(Drafter):
         target's), all prompts together: at the first step the catch-up then feeds the root
         only, instead of the whole prompt padded across the batch it joins."""
         seqs = []
+        self.cache.reserve_slots(self.cache.used + len(states))
         for state in states:
             ds = _DraftSeq()
             ds.slot = self.cache.alloc(ds)

@@ -255,6 +255,7 @@ class SpeculativeDecoder:
             states.append(state)
         with self.ledger.time("prefill"), torch.inference_mode():
             try:
+                self.cache.reserve_slots(self.cache.used + len(states))
                 for state in states:
                     state.slot = self.cache.alloc(state)
                 hidden = self._prefill(states)

@@ -19,7 +19,8 @@ path = nodes [1, 3] (positions 5 and 7)::
 
 Slots stay dense: :meth:`KVCache.free` moves the last used slot into the hole, so the live
 slots are always ``0 .. used - 1`` and a batch over all of them reads views, not copies.
-Capacity grows on demand (slots and length, by doubling; a copy each time).
+Capacity grows on demand (slots and length, by doubling, or at once to what a batch
+needs; a copy each time).
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ class KVCache:
             )
         if length > self.length:
             self._grow(self.slots, min(self.max_length, max(length, 2 * self.length)))
+
+    def reserve_slots(self, slots: int) -> None:
+        """Make room for ``slots`` live slots at once: one copy when a batch is admitted,
+        not one per doubling.
+
+        >>> c = KVCache(1, 1, 2, max_length=8, dtype=torch.float32, slots=2, length=4)
+        >>> c.reserve_slots(300); c.slots  # one copy, not seven doublings
+        300
+        >>> c.reserve_slots(301); c.slots  # a little past capacity: it doubles
+        600
+        """
+        if slots > self.slots:
+            self._grow(max(slots, 2 * self.slots), self.length)
 
     def alloc(self, owner: object = None) -> int:
         """A fresh slot (the next dense one) for ``owner``."""

@@ -217,7 +217,7 @@ class LeanLM:
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
-    def new_cache(self, slots: int = 4, length: int = 256, extra: int = 0) -> KVCache:
+    def new_cache(self, slots: int = 4, length: int = 64, extra: int = 0) -> KVCache:
         """A cache for this model; ``extra`` positions beyond the context for tree nodes."""
         return KVCache(
             len(self.layers),
