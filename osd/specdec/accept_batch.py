@@ -125,6 +125,30 @@ def _float_tensor(
     return t
 
 
+def _topology(pr: list[int], n: int) -> tuple:
+    """One row's (size, depth, leaf, last, earlier [n, n], anc [n, n], root_leaf)."""
+    size = sum(1 for x in pr if x >= -1)
+    if any(x < -1 for x in pr[:size]):
+        raise ValueError("padding nodes (parent ≤ -2) must come after the real nodes")
+    _check_vector("parents", torch.tensor(pr[:size], dtype=torch.long), size)
+    depth, leaf, last = [0] * n, [True] * n, [False] * n
+    earlier = torch.zeros(n, n, dtype=torch.bool)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    kids = _children(pr[:size])
+    for j in range(size):
+        p = pr[j]
+        depth[j] = 1 if p < 0 else depth[p] + 1
+        leaf[j] = not kids[j + 1]
+        sib = kids[p + 1]
+        last[j] = sib[-1] == j
+        for i in sib[: sib.index(j)]:
+            earlier[j, i] = True
+        anc[j, j] = True
+        if p >= 0:
+            anc[j] |= anc[p]
+    return size, depth, leaf, last, earlier, anc, not kids[0]
+
+
 @dataclass(frozen=True)
 class TreeBatch:
     """Per-row topology of ``B`` (ragged) trees, precomputed once on the host.
@@ -146,45 +170,28 @@ class TreeBatch:
 
     @classmethod
     def of(cls, parents: torch.Tensor, batch: int, device: torch.device) -> TreeBatch:
+        """The topology of each distinct row of ``parents`` (a batch drafted with one shape
+        — a chain, a static tree — has one), then indexed per row."""
         par = parents.expand(batch, -1) if parents.dim() == 1 else parents
-        rows = par.tolist()
         n = par.shape[1]
-        depth, leaf, last = (
-            [[0] * n for _ in rows],
-            [[True] * n for _ in rows],
-            [[False] * n for _ in rows],
-        )
-        earlier = torch.zeros(batch, n, n, dtype=torch.bool)
-        anc = torch.zeros(batch, n, n, dtype=torch.bool)
-        sizes, root_leaf = [], []
-        for b, pr in enumerate(rows):
-            size = sum(1 for x in pr if x >= -1)
-            if any(x < -1 for x in pr[:size]):
-                raise ValueError("padding nodes (parent ≤ -2) must come after the real nodes")
-            _check_vector("parents", torch.tensor(pr[:size], dtype=torch.long), size)
-            sizes.append(size)
-            kids = _children(pr[:size])
-            root_leaf.append(not kids[0])
-            for j in range(size):
-                p = pr[j]
-                depth[b][j] = 1 if p < 0 else depth[b][p] + 1
-                leaf[b][j] = not kids[j + 1]
-                sib = kids[p + 1]
-                last[b][j] = sib[-1] == j
-                for i in sib[: sib.index(j)]:
-                    earlier[b, j, i] = True
-                anc[b, j, j] = True
-                if p >= 0:
-                    anc[b, j] |= anc[b, p]
+        rows = [parents.tolist()] if parents.dim() == 1 else par.tolist()
+        distinct: dict[tuple[int, ...], int] = {}
+        which = [distinct.setdefault(tuple(r), len(distinct)) for r in rows]
+        tops = [_topology(list(r), n) for r in distinct] or [_topology([], n)]  # batch 0
+        at = torch.tensor(which * (batch if parents.dim() == 1 else 1), dtype=torch.long)
+
+        def stacked(i: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([t[i] for t in tops], dtype=dtype)[at].to(device)
+
         return cls(
             par.to(device=device, dtype=torch.long),
-            torch.tensor(sizes, device=device),
-            torch.tensor(depth, dtype=torch.long, device=device).reshape(batch, n),
-            torch.tensor(leaf, dtype=torch.bool, device=device).reshape(batch, n),
-            torch.tensor(last, dtype=torch.bool, device=device).reshape(batch, n),
-            earlier.to(device),
-            anc.to(device),
-            torch.tensor(root_leaf, dtype=torch.bool, device=device),
+            stacked(0, torch.long).reshape(batch),
+            stacked(1, torch.long).reshape(batch, n),
+            stacked(2, torch.bool).reshape(batch, n),
+            stacked(3, torch.bool).reshape(batch, n),
+            torch.stack([t[4] for t in tops])[at].to(device),
+            torch.stack([t[5] for t in tops])[at].to(device),
+            stacked(6, torch.bool).reshape(batch),
         )
 
     @property
