@@ -73,6 +73,26 @@ def test_serving_bench_serves_every_prompt_at_every_level(data_dir):
     json.dumps(rep)  # JSON-able as written by --json
 
 
+def test_serving_rounds_interleave_the_levels_and_pool_them(data_dir):
+    cfg = ServingBenchConfig(
+        concurrency=(1, 2), n=1, requests=2, max_new_tokens=4, domains="math,sql", rounds=2
+    )
+    seen = []
+    rep = run_serving_bench(cfg, data_dir, lambda c, done, total: seen.append((c, done)))
+    assert [c for c, done in seen if done == 0] == [1, 2, 1, 2]  # 1, 2, then 1, 2 again
+    assert rep["rounds"] == 2
+    for lv in rep["serving"]:
+        assert lv["requests"] == 4 and lv["tokens"] == 16  # both rounds pooled
+        assert lv["matches_c1"] == 4
+        assert len(lv["tokens_per_s_rounds"]) == 2 and len(lv["ratio_vs_c1_rounds"]) == 2
+        pooled = lv["tokens"] / lv["wall_s"]
+        assert lv["tokens_per_s"] == pytest.approx(pooled)
+    assert rep["serving"][0]["ratio_vs_c1_rounds"] == [1.0, 1.0]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rounds"):
+            ServingBenchConfig(rounds=bad).validate()
+
+
 def test_serving_takes_one_drafter():
     r = runner.invoke(app, ["bench", "--serving", "--drafters", "draft_model,ngram"])
     assert r.exit_code != 0 and "one drafter" in r.output

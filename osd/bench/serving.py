@@ -13,6 +13,9 @@ generates exactly ``max_new_tokens``. Per level (DESIGN §7, serving throughput)
 - ``tokens_per_s``: completion tokens ÷ the level's wall time (first submit → last result);
 - ``p50_s``, ``p99_s``: request latency, submitted → finished (queueing included);
 - ``ratio_vs_c1``: ``tokens_per_s`` ÷ the concurrency-1 level's (same run);
+- ``tokens_per_s_rounds``, ``ratio_vs_c1_rounds``: the same per round (``rounds`` > 1 runs
+  the levels in turn, 1, 8, 32, 1, 8, 32, …, and pools each level's requests: on a shared
+  machine whose speed drifts over minutes, no level gets all of a slow stretch);
 - ``mean_batch``: sequences per engine step — how full the batch actually ran;
 - ``alpha``, ``tau``: acceptance over the level;
 - ``matches_c1``: requests whose tokens equal the same prompt's at concurrency 1 (greedy:
@@ -68,6 +71,7 @@ class ServingBenchConfig:
     ignore_eos: bool = True
     device: str | None = None  # None: CUDA when there is one, else the CPU
     timeout_s: float = 600.0  # per request: a hung loop fails the run instead of hanging
+    rounds: int = 1  # the levels run this many times in turn (1, 8, 32, 1, 8, 32, …), pooled
 
     def validate(self) -> ServingBenchConfig:
         levels = self.concurrency
@@ -81,6 +85,8 @@ class ServingBenchConfig:
             )
         if self.requests is not None and self.requests < 1:
             raise ValueError(f"requests must be >= 1, got {self.requests}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an int >= 1, got {self.rounds!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         drafter_spec(self.drafter)  # an unknown name lists the known ones
@@ -205,22 +211,35 @@ def run_serving_bench(
     try:
         warm = min(loop.max_batch, len(prompts))  # first-call allocations, batched shapes
         _serve_level(loop, prompts[:warm], warm, WARMUP_TOKENS, cfg.timeout_s)
-        levels, by_prompt = [], {}
-        for c in cfg.concurrency:
-            steps, stepped = loop.steps, loop.stepped
-            tick = None if progress is None else lambda done, c=c: progress(c, done, len(prompts))
-            if tick is not None:
-                tick(0)  # the level starts
-            results, wall = _serve_level(loop, prompts, c, cfg.max_new_tokens, cfg.timeout_s, tick)
-            levels.append(_level(c, results, wall, loop.steps - steps, loop.stepped - stepped))
-            by_prompt[c] = {r.request_id.split("-", 1)[1]: r.token_ids for r in results}
+        runs: dict[int, list[tuple[list[RequestResult], float, int, int]]] = {}
+        for _ in range(cfg.rounds):  # interleaved: a machine slowing mid-run biases no level
+            for c in cfg.concurrency:
+                steps, stepped = loop.steps, loop.stepped
+                tick = (
+                    None if progress is None else lambda done, c=c: progress(c, done, len(prompts))
+                )
+                if tick is not None:
+                    tick(0)  # the level starts
+                results, wall = _serve_level(
+                    loop, prompts, c, cfg.max_new_tokens, cfg.timeout_s, tick
+                )
+                runs.setdefault(c, []).append(
+                    (results, wall, loop.steps - steps, loop.stepped - stepped)
+                )
     finally:
         loop.stop()
-    base = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    levels = [_pooled(c, runs[c]) for c in cfg.concurrency]
+    ref = {r.request_id.split("-", 1)[1]: r.token_ids for r in runs[1][0][0]} if 1 in runs else {}
     for lv in levels:
-        lv["ratio_vs_c1"] = lv["tokens_per_s"] / base["tokens_per_s"] if base else None
-        ref, got = by_prompt.get(1), by_prompt[lv["concurrency"]]
-        lv["matches_c1"] = sum(got[i] == ref[i] for i in ref) if ref else None
+        c = lv["concurrency"]
+        lv["ratio_vs_c1"] = lv["tokens_per_s"] / _c1_rate(levels) if 1 in runs else None
+        lv["ratio_vs_c1_rounds"] = (
+            [x / y for x, y in zip(lv["tokens_per_s_rounds"], _rates(runs[1]), strict=True)]
+            if 1 in runs
+            else None
+        )
+        got = [(r.request_id.split("-", 1)[1], r.token_ids) for run in runs[c] for r in run[0]]
+        lv["matches_c1"] = sum(ids == ref[i] for i, ids in got) if ref else None
     return {
         "serving": levels,
         "requests_per_level": len(prompts),
@@ -229,6 +248,7 @@ def run_serving_bench(
         "k": cfg.k,
         "tree": cfg.tree,
         "adaptive": cfg.adaptive,
+        "rounds": cfg.rounds,
         "max_batch": loop.max_batch,
         "engine_max_batch": getattr(decoder, "max_batch", None),
         "device": str(target.device),
@@ -256,3 +276,26 @@ def _level(c: int, results: list[RequestResult], wall: float, steps: int, steppe
         "tau": stats.tau,
         "mean_depth": stats.proposed / stats.steps if stats.steps else 0.0,
     }
+
+
+def _rates(runs: list[tuple[list[RequestResult], float, int, int]]) -> list[float]:
+    """Tokens/s of each round of one level."""
+    return [sum(r.completion_tokens for r in res) / wall for res, wall, _, _ in runs]
+
+
+def _c1_rate(levels: list[dict]) -> float:
+    return next(lv["tokens_per_s"] for lv in levels if lv["concurrency"] == 1)
+
+
+def _pooled(c: int, runs: list[tuple[list[RequestResult], float, int, int]]) -> dict:
+    """One level over all its rounds: their requests pooled, their walls summed."""
+    results = [r for res, _, _, _ in runs for r in res]
+    level = _level(
+        c,
+        results,
+        sum(w for _, w, _, _ in runs),
+        sum(s for _, _, s, _ in runs),
+        sum(x for _, _, _, x in runs),
+    )
+    level["tokens_per_s_rounds"] = _rates(runs)
+    return level

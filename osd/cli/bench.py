@@ -64,6 +64,14 @@ def bench(
             "(up to --k; 0 = speculation off) from measured costs and the batch size.",
         ),
     ] = False,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="--serving: run the levels this many times in turn (1, 8, 32, 1, 8, 32, …) "
+            "and pool each level's requests, so a machine whose speed drifts during the run "
+            "biases no level; per-round figures are in the JSON."
+        ),
+    ] = 1,
     target: Annotated[
         str, typer.Option(help="Target model: zoo:target, smollm2 (see `osd models`), a path.")
     ] = "zoo:target",
@@ -109,6 +117,7 @@ def bench(
             data_dir,
             requests,
             adaptive,
+            rounds,
         )
     else:
         rep = _bench_decode(workload, n, max_new_tokens, k, names, target, draft, data_dir)
@@ -179,6 +188,7 @@ def _bench_serving(
     data_dir,
     requests=None,
     adaptive=False,
+    rounds=1,
 ) -> dict:
     from osd.bench.serving import ServingBenchConfig, parse_levels, run_serving_bench
 
@@ -197,6 +207,7 @@ def _bench_serving(
             max_batch=max_batch,
             requests=requests,
             adaptive=adaptive,
+            rounds=rounds,
         ).validate()
     except ValueError as err:
         fail(str(err))
