@@ -67,8 +67,8 @@ DRAFTERS = {
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_greedy_equals_target_greedy(zoo, prompts, references, name):
     target, draft, tok = zoo
-    # all 50 in one batch (each released as it finishes); the serial path is held to the
-    # same references, shape by shape, in tests/test_batch_engine.py
+    # all 50 in one batch (each released as it finishes); the serial path is held to HF
+    # greedy references, shape by shape, in tests/test_batch_engine.py
     dec = SpeculativeDecoder(target, DRAFTERS[name](target, draft), tok)
     states, stats = decode_all(dec, prompts, MAX_NEW)
     accepted = sum(st.accepted for st in stats)
