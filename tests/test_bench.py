@@ -91,6 +91,8 @@ def test_serving_rounds_interleave_the_levels_and_pool_them(data_dir):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="rounds"):
             ServingBenchConfig(rounds=bad).validate()
+    with pytest.raises(ValueError, match="repeat"):  # a repeated level would be pooled twice
+        ServingBenchConfig(concurrency=(1, 8, 8)).validate()
 
 
 def test_serving_takes_one_drafter():

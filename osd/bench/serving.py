@@ -79,6 +79,8 @@ class ServingBenchConfig:
             raise ValueError(f"concurrency must be ints >= 1, e.g. 1,8,32; got {levels!r}")
         if min(levels) < 1:
             raise ValueError(f"concurrency must be ints >= 1, got {levels!r}")
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"concurrency levels repeat ({levels!r}); --rounds runs them again")
         if self.n <= 0 or self.max_new_tokens <= 0:
             raise ValueError(
                 f"n and max_new_tokens must be positive, got {self.n}, {self.max_new_tokens}"
@@ -229,17 +231,24 @@ def run_serving_bench(
     finally:
         loop.stop()
     levels = [_pooled(c, runs[c]) for c in cfg.concurrency]
-    ref = {r.request_id.split("-", 1)[1]: r.token_ids for r in runs[1][0][0]} if 1 in runs else {}
+    base = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    ref = {r.request_id.split("-", 1)[1]: r.token_ids for r in runs[1][0][0]} if base else {}
     for lv in levels:
-        c = lv["concurrency"]
-        lv["ratio_vs_c1"] = lv["tokens_per_s"] / _c1_rate(levels) if 1 in runs else None
+        got = [
+            (r.request_id.split("-", 1)[1], r.token_ids)
+            for results, _, _, _ in runs[lv["concurrency"]]
+            for r in results
+        ]
+        lv["matches_c1"] = sum(ids == ref[i] for i, ids in got) if base else None
+        lv["ratio_vs_c1"] = lv["tokens_per_s"] / base["tokens_per_s"] if base else None
         lv["ratio_vs_c1_rounds"] = (
-            [x / y for x, y in zip(lv["tokens_per_s_rounds"], _rates(runs[1]), strict=True)]
-            if 1 in runs
+            [
+                x / y
+                for x, y in zip(lv["tokens_per_s_rounds"], base["tokens_per_s_rounds"], strict=True)
+            ]
+            if base
             else None
         )
-        got = [(r.request_id.split("-", 1)[1], r.token_ids) for run in runs[c] for r in run[0]]
-        lv["matches_c1"] = sum(ids == ref[i] for i, ids in got) if ref else None
     return {
         "serving": levels,
         "requests_per_level": len(prompts),
@@ -278,15 +287,6 @@ def _level(c: int, results: list[RequestResult], wall: float, steps: int, steppe
     }
 
 
-def _rates(runs: list[tuple[list[RequestResult], float, int, int]]) -> list[float]:
-    """Tokens/s of each round of one level."""
-    return [sum(r.completion_tokens for r in res) / wall for res, wall, _, _ in runs]
-
-
-def _c1_rate(levels: list[dict]) -> float:
-    return next(lv["tokens_per_s"] for lv in levels if lv["concurrency"] == 1)
-
-
 def _pooled(c: int, runs: list[tuple[list[RequestResult], float, int, int]]) -> dict:
     """One level over all its rounds: their requests pooled, their walls summed."""
     results = [r for res, _, _, _ in runs for r in res]
@@ -297,5 +297,7 @@ def _pooled(c: int, runs: list[tuple[list[RequestResult], float, int, int]]) -> 
         sum(s for _, _, s, _ in runs),
         sum(x for _, _, _, x in runs),
     )
-    level["tokens_per_s_rounds"] = _rates(runs)
+    level["tokens_per_s_rounds"] = [
+        sum(r.completion_tokens for r in res) / wall for res, wall, _, _ in runs
+    ]
     return level

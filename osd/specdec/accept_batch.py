@@ -174,11 +174,11 @@ class TreeBatch:
         — a chain, a static tree — has one), then indexed per row."""
         par = parents.expand(batch, -1) if parents.dim() == 1 else parents
         n = par.shape[1]
-        rows = [parents.tolist()] if parents.dim() == 1 else par.tolist()
         distinct: dict[tuple[int, ...], int] = {}
-        which = [distinct.setdefault(tuple(r), len(distinct)) for r in rows]
+        at = torch.tensor(
+            [distinct.setdefault(tuple(r), len(distinct)) for r in par.tolist()], dtype=torch.long
+        )
         tops = [_topology(list(r), n) for r in distinct] or [_topology([], n)]  # batch 0
-        at = torch.tensor(which * (batch if parents.dim() == 1 else 1), dtype=torch.long)
 
         def stacked(i: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([t[i] for t in tops], dtype=dtype)[at].to(device)
