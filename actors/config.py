@@ -240,6 +240,9 @@ class TrainerConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     threads: int = 1
+    # the training threads' nice value (0 normal … 19 lowest): at 19 the OS runs them only on
+    # cycles the replicas of the node leave (spare compute; osd.distill.budget)
+    nice: int = 19
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per actor
     distill: DistillConfig = field(default_factory=DistillConfig)
     # the drafter's early-stop decision model, when it has one (serve.drafter_options)
@@ -251,6 +254,7 @@ class TrainerConfig:
         _need(_num(self.num_cpus) and self.num_cpus >= 0, "trainer.num_cpus must be >= 0")
         _need(_num(self.num_gpus) and self.num_gpus >= 0, "trainer.num_gpus must be >= 0")
         _need(_int(self.threads, 1), "trainer.threads must be an int >= 1")
+        _need(_int(self.nice, 0) and self.nice <= 19, "trainer.nice must be an int in 0..19")
         _need(isinstance(self.distill, DistillConfig), "trainer.distill must be a mapping")
         _need(isinstance(self.decision, DistillConfig), "trainer.decision must be a mapping")
 

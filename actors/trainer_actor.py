@@ -17,16 +17,18 @@ a thread each, on the same records read through a consumer group of their own, p
 under the part's id (``<drafter_id>-stop``, ``<drafter_id>-<domain>``).
 
 Controls for experiments: :meth:`pause` / :meth:`resume` the training threads,
-:meth:`set_budget` (steps per second, live), :meth:`set_yield` (spare compute only:
-``distill.yield_cpu`` — the trainer waits while the replicas on its node keep its CPUs
-busy, :mod:`osd.distill.budget`; off by default) and :meth:`set_publishing` (train without
-publishing: the served weights stay fixed).
+:meth:`set_budget` (steps per second, live), :meth:`set_nice` (the training threads'
+priority, ``trainer.nice``: 19 by default, so the OS gives them only the cycles the
+replicas leave, :mod:`osd.distill.budget`), :meth:`set_yield` (``distill.yield_cpu`` — the
+trainer waits while the replicas on its node keep its CPUs busy; off by default) and
+:meth:`set_publishing` (train without publishing: the served weights stay fixed).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -36,7 +38,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
-from osd.distill.budget import NodeLoad
+from osd.distill.budget import NodeLoad, lower_thread_priority
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -98,17 +100,24 @@ class TrainerActor:
         self._run = threading.Event()
         self._run.set()
         self._stop = threading.Event()
-        every = [self.distiller] if self.distiller is not None else []
-        every += list(self.part_distillers.values())
+        self.nice = cfg.trainer.nice
+        self._generation = 0  # bumped to retire the training threads (set_nice)
+        self._threads: list[threading.Thread] = []
+        self._start_threads()
+        log.info("%s up on %s, resumed from v%d", name, device, self.resumed_from)
+
+    def _start_threads(self) -> None:
+        """One training thread per distiller, started from this (nice 0) control thread:
+        each lowers its own priority to ``self.nice`` before its first step."""
+        gen = self._generation
         self._threads = [
             threading.Thread(
-                target=self._loop, args=(d,), name=f"{name}-{d.drafter_id}", daemon=True
+                target=self._loop, args=(d, gen), name=f"{self.name}-{d.drafter_id}", daemon=True
             )
-            for d in every
+            for d in self._distillers()
         ]
         for t in self._threads:
             t.start()
-        log.info("%s up on %s, resumed from v%d", name, device, self.resumed_from)
 
     def _resume(self, student, did: str, dcfg, buffer) -> tuple[OnlineDistiller, int]:
         """A distiller of ``student`` for the registry id ``did``, resumed from its live
@@ -146,10 +155,15 @@ class TrainerActor:
         return distiller, version
 
     # -- training threads (the drafter's; each versioned part's) ---------------------------
-    def _loop(self, d: OnlineDistiller) -> None:
+    def _loop(self, d: OnlineDistiller, gen: int) -> None:
         import redis
 
-        while not self._stop.is_set():
+        lower_thread_priority(self.nice)  # spare compute: the replicas' cycles come first
+
+        def retired() -> bool:
+            return self._stop.is_set() or self._generation != gen
+
+        while not retired():
             if not self._run.wait(0.2):
                 continue
             if self.outage.down:  # Redis was away: resume once it answers
@@ -161,7 +175,7 @@ class TrainerActor:
                 self.outage.ok()
             try:  # OnlineDistiller.run: steps, publishes via _publish, retries failed publishes
                 d.run(
-                    until=lambda: self._stop.is_set() or not self._run.is_set(),
+                    until=lambda: retired() or not self._run.is_set(),
                     idle_sleep_s=0.05,
                     on_publish=self._publish,
                 )
@@ -223,6 +237,24 @@ class TrainerActor:
             d.config = dataclasses.replace(d.config, yield_cpu=yield_cpu)
             d.busy.share = yield_cpu or 1.0
 
+    def set_nice(self, nice: int) -> None:
+        """The training threads' priority (``trainer.nice``), live. A thread cannot get back
+        a priority it gave up without privileges, so the threads are replaced: the current
+        ones finish their step, and new ones start at ``nice``."""
+        if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+            raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+        self.nice = nice
+        self._generation += 1
+        for t in self._threads:
+            t.join()
+        self._start_threads()
+
+    def _thread_nice(self) -> list[int] | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        live = [t.native_id for t in self._threads if t.is_alive()]
+        return [os.getpriority(os.PRIO_PROCESS, tid) for tid in live if tid is not None]
+
     def _distillers(self) -> list[OnlineDistiller]:
         return [d for d in (self.distiller, *self.part_distillers.values()) if d is not None]
 
@@ -243,6 +275,8 @@ class TrainerActor:
             "publishes": len(self.decisions),
             "promoted": sum(x["promoted"] for x in self.decisions),
             "running": self._run.is_set(),
+            "nice": self.nice,  # the training threads' priority (trainer.nice) …
+            "thread_nice": self._thread_nice(),  # … as the OS has it (Linux; else None)
             "publishing": self.publishing,
             "resumed_from": self.resumed_from,
             "errors": self.errors,

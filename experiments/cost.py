@@ -8,14 +8,16 @@ clients), phases of the same requests with the trainer
 - ``off``   — paused;
 - ``B/s``   — running at most B optimiser steps a second (``distill.max_steps_per_s``),
               for each ``--budgets`` value;
-- ``spare`` — no rate cap, spare compute only (``distill.yield_cpu: 0.5``: it waits, up
-              to 2 s a step, while the node's other processes — the replicas — use more
-              than half its CPUs; :mod:`osd.distill.budget`);
-- ``max``   — running unthrottled (the default budget: ``max_steps_per_s: null``,
-              ``yield_cpu: null``),
+- ``yield``  — no rate cap, and it waits, up to 2 s a step, while the node's other
+              processes (the replicas) use more than half its CPUs (``distill.yield_cpu:
+              0.5``; :mod:`osd.distill.budget`);
+- ``nice 0`` — unthrottled, at the replicas' own priority (``trainer.nice: 0``);
+- ``default`` — the default budget: unthrottled (``max_steps_per_s: null``, ``yield_cpu:
+              null``) at the lowest priority (``trainer.nice: 19``), so the OS gives the
+              trainer only the cycles the replicas leave,
 
-interleaved over ``--rounds`` rounds so that drift in the machine's load hits every
-phase alike. Publishing is off throughout (the served weights stay fixed, so only the
+interleaved over ``--rounds`` rounds, each starting one phase later than the one before,
+so that drift in the machine's load hits every phase alike. Publishing is off throughout (the served weights stay fixed, so only the
 trainer's compute differs). Before the phases the buffer is filled with a backlog of
 records, so a running trainer always has work.
 
@@ -23,8 +25,9 @@ records, so a running trainer always has work.
     python experiments/cost.py --loads 2,8 --budgets 1,4 --rounds 2 --requests 16 --json c.json --plot c.png
 
 Writes ``{"rows": [{"concurrency", "trainer", "tokens_per_s", "p99_s", "trainer_steps",
-"ratio_vs_off"}, …], "phases": […], "config": {…}}`` (rows averaged over rounds) and a
-bar chart of tokens/s and p99 per load level.
+"ratio_vs_off", "ratio_per_round", "ratio_median"}, …], "phases": […], "config": {…}}``
+(rows averaged over rounds; ``ratio_per_round`` against the same round's trainer-off phase)
+and a bar chart of tokens/s and p99 per load level.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -42,6 +46,7 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
     from osd.actors.replay import ReplayConfig, replay_async, summarize
 
     trainers = cluster.trainers
+    nice = cluster.cfg.trainer.nice  # the default priority
     await asyncio.gather(*(t.set_publishing.remote(False) for t in trainers))
     out = []
     try:
@@ -53,13 +58,18 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
                 concurrency=conc,
                 api_key=next(iter(cluster.cfg.serve.keys), None),
             )
-            phases = [("off", None, None), *((lb, b, None) for lb, b in budgets)]
-            phases += [("spare", None, SPARE), ("max", None, None)]
-            for r in range(rounds):
-                for label, budget, share in phases:
+            # (label, steps/s cap, yield_cpu, nice); the caps run at the default priority
+            phases = [("off", None, None, nice)]
+            phases += [(lb, b, None, nice) for lb, b in budgets]
+            phases += [("yield", None, SPARE, 0), ("nice 0", None, None, 0)]
+            phases += [("default", None, None, nice)]
+            for r in range(rounds):  # each round starts one phase later: drift in the
+                order = phases[r % len(phases) :] + phases[: r % len(phases)]  # machine's
+                for label, budget, share, prio in order:  # speed falls on every phase alike
                     if label == "off":
                         await asyncio.gather(*(t.pause.remote() for t in trainers))
                     else:
+                        await asyncio.gather(*(t.set_nice.remote(prio) for t in trainers))
                         await asyncio.gather(*(t.set_budget.remote(budget) for t in trainers))
                         await asyncio.gather(*(t.set_yield.remote(share) for t in trainers))
                         await asyncio.gather(*(t.resume.remote() for t in trainers))
@@ -82,13 +92,14 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
                     }
                     out.append(row)
                     print(
-                        f"  c={conc} round {r} trainer {label:>5}: {row['tokens_per_s']:6.1f} tok/s, "
+                        f"  c={conc} round {r} trainer {label:>7}: {row['tokens_per_s']:6.1f} tok/s, "
                         f"p99 {row['p99_s']:.2f} s, {steps} steps",
                         flush=True,
                     )
     finally:
         await asyncio.gather(*(t.set_budget.remote(None) for t in trainers))
         await asyncio.gather(*(t.set_yield.remote(None) for t in trainers))
+        await asyncio.gather(*(t.set_nice.remote(nice) for t in trainers))
         await asyncio.gather(*(t.resume.remote() for t in trainers))
         await asyncio.gather(*(t.set_publishing.remote(True) for t in trainers))
     return out
@@ -104,6 +115,12 @@ def _rows(phases: list[dict]) -> list[dict]:
             ps = [p for p in at if p["trainer"] == label]
             tps = sum(p["tokens_per_s"] for p in ps) / len(ps)
             off = tps if label == "off" else off
+            per_round = [  # against the trainer-off phase of the same round
+                p["tokens_per_s"] / o["tokens_per_s"]
+                for p in ps
+                for o in at
+                if o["trainer"] == "off" and o["round"] == p["round"] and o["tokens_per_s"]
+            ]
             rows.append(
                 {
                     "concurrency": conc,
@@ -114,6 +131,8 @@ def _rows(phases: list[dict]) -> list[dict]:
                     "trainer_steps_per_s": sum(p["trainer_steps_per_s"] for p in ps) / len(ps),
                     "failed": sum(p["failed"] for p in ps),
                     "ratio_vs_off": tps / off if off else None,
+                    "ratio_per_round": per_round,
+                    "ratio_median": statistics.median(per_round) if per_round else None,
                 }
             )
     return rows
@@ -202,9 +221,11 @@ def main() -> None:
     plot(rows, args.plot)
     for r in rows:
         ratio = "–" if r["ratio_vs_off"] is None else f"{r['ratio_vs_off']:.3f}×"
+        med = "–" if r["ratio_median"] is None else f"{r['ratio_median']:.3f}×"
         print(
-            f"c={r['concurrency']:>3} trainer {r['trainer']:>5}: {r['tokens_per_s']:6.1f} tok/s "
-            f"({ratio} of off), p99 {r['p99_s']:.2f} s, {r['trainer_steps_per_s']:.2f} steps/s"
+            f"c={r['concurrency']:>3} trainer {r['trainer']:>7}: {r['tokens_per_s']:6.1f} tok/s "
+            f"({ratio} of off; median of the rounds' ratios {med}), p99 {r['p99_s']:.2f} s, "
+            f"{r['trainer_steps_per_s']:.2f} steps/s"
         )
     print(f"wrote {args.json} and {args.plot}")
 

@@ -49,6 +49,8 @@ def test_round_trip_and_overrides(tmp_path):
         ({"trainer": {"distill": {"lr": -1}}}, "lr must be"),
         ({"trainer": {"distill": {"lrate": 1}}}, "unknown keys in trainer.distill: .'lrate'"),
         ({"trainer": {"distill": 3}}, "trainer.distill must be a mapping"),
+        ({"trainer": {"nice": 20}}, "trainer.nice must be an int in 0..19"),
+        ({"trainer": {"nice": -5}}, "trainer.nice must be an int in 0..19"),
         ({"trainer": {"lr": 1e-3}}, "distillation settings go under trainer.distill"),
         ({"buffer": {"log_mode": "some"}}, "log_mode"),
         ({"buffer": {"holdout_every": 1}}, "holdout_every"),

@@ -308,7 +308,13 @@ def test_trainer_restart_resumes_from_the_live_version(cluster, drift):
     import ray
 
     trainer = cluster.trainers[0]
-    old_pid = ray.get(trainer.stats.remote())["pid"]
+    stats = ray.get(trainer.stats.remote())
+    old_pid = stats["pid"]
+    # trainer.nice: spare compute by default, applied to the training threads themselves
+    assert stats["nice"] == 19 and stats["thread_nice"] == [19]
+    ray.get(trainer.set_nice.remote(0))  # the threads are replaced by ones at nice 0
+    stats = ray.get(trainer.stats.remote())
+    assert stats["nice"] == 0 and stats["thread_nice"] == [0]
     live_before = ray.get(cluster.registry.live_version.remote("draft"))
     assert live_before > 0, "the drift replay should have promoted versions by now"
     ray.kill(trainer, no_restart=False)

@@ -1,13 +1,22 @@
-"""Spare compute: is the node busy with other work (the replicas) right now?
+"""Spare compute: a trainer that shares its node with serving replicas trains in the gaps.
 
-A trainer that shares its node with serving replicas should train in the gaps — the
-mission's "spare compute" — not take cores the replicas want. :class:`NodeLoad` reads the
-node's CPU use since its last call (``psutil``) and subtracts this process's own; the
-trainer (:class:`~osd.distill.trainer.OnlineDistiller`, ``busy=NodeLoad(share)``) waits
-before a step while the rest of the node uses more than ``share`` of its CPUs, at most
-``DistillConfig.yield_max_s``, so that it still makes progress under constant load.
+That is the mission's "spare compute": the trainer must not take cores the replicas want.
+Two mechanisms, the first on by default:
 
-Worked example: 2 CPUs, the node at 90 % (1.8 CPUs), this trainer 70 % of one CPU → others
+- **Priority** (``trainer.nice``, 19 by default). :func:`lower_thread_priority` gives each
+  training thread a nice value, and the OS scheduler does the rest: it runs the thread on
+  cycles the replicas leave and hands the core back the moment a replica thread wakes.
+  Under constant full load a nice-19 thread still gets ≈ 1.5 % of a core (weight 15
+  against 1024), so learning slows but does not stop. Linux applies nice per thread, and
+  only among the processes of one session (autogroup). A Ray node's replicas and trainers
+  are all workers of the same raylet, so they compete as intended.
+- **Yielding** (``distill.yield_cpu``, off by default). :class:`NodeLoad` reads the node's
+  CPU use since its last call (``psutil``) and subtracts this process's own. The trainer
+  (:class:`~osd.distill.trainer.OnlineDistiller`, ``busy=NodeLoad(share)``) waits before a
+  step while the rest of the node uses more than ``share`` of its CPUs, at most
+  ``DistillConfig.yield_max_s``, so that it still makes progress under constant load.
+
+Yielding, a worked example: 2 CPUs, the node at 90 % (1.8 CPUs), this trainer 70 % of one CPU → others
 use 1.1 CPUs = 0.55 of the node > 0.5: busy. A trainer on GPUs of its own sets
 ``yield_cpu: null``.
 
@@ -18,10 +27,37 @@ use 1.1 CPUs = 0.55 of the node > 0.5: busy. A trainer on GPUs of its own sets
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 from collections.abc import Callable
 
-__all__ = ["NodeLoad"]
+__all__ = ["NodeLoad", "lower_thread_priority"]
+
+log = logging.getLogger(__name__)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Set the calling thread's nice value to ``nice`` (0 normal … 19 lowest); the threads
+    it starts afterwards (torch's intra-op pool among them) inherit it. True if applied.
+
+    Linux only (elsewhere: logged, False). Going back up (a lower value than now) needs
+    privileges an ordinary process lacks, so a thread meant to run at 0 again is replaced
+    by a new one rather than reniced (``TrainerActor.set_nice``).
+    """
+    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+        raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+    if not sys.platform.startswith("linux"):
+        log.warning("thread priorities are not set on %s; nice %d ignored", sys.platform, nice)
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)  # on Linux: this thread only
+    except OSError as err:
+        log.warning("could not set nice %d on thread %d: %s", nice, tid, err)
+        return False
+    return True
 
 
 class NodeLoad:
