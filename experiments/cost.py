@@ -126,6 +126,7 @@ def _rows(phases: list[dict]) -> list[dict]:
                     "concurrency": conc,
                     "trainer": label,
                     "tokens_per_s": tps,
+                    "tokens_per_s_rounds": [p["tokens_per_s"] for p in ps],
                     "p99_s": max(p["p99_s"] or 0.0 for p in ps),
                     "trainer_steps": sum(p["trainer_steps"] for p in ps),
                     "trainer_steps_per_s": sum(p["trainer_steps_per_s"] for p in ps) / len(ps),
@@ -151,13 +152,18 @@ def plot(rows: list[dict], path: Path) -> None:
     for j, label in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(loads))]
         by = {r["concurrency"]: r for r in rows if r["trainer"] == label}
-        a1.bar(xs, [by[c]["tokens_per_s"] for c in loads], width, label=f"trainer {label}")
+        mean = [by[c]["tokens_per_s"] for c in loads]
+        spread = [  # the rounds' lowest and highest, around the mean
+            [m - min(by[c]["tokens_per_s_rounds"]) for m, c in zip(mean, loads, strict=True)],
+            [max(by[c]["tokens_per_s_rounds"]) - m for m, c in zip(mean, loads, strict=True)],
+        ]
+        a1.bar(xs, mean, width, yerr=spread, capsize=2, label=f"trainer {label}")
         a2.bar(xs, [by[c]["p99_s"] for c in loads], width, label=f"trainer {label}")
     for ax, what in ((a1, "tokens/s"), (a2, "p99 latency (s)")):
         ax.set_xticks(range(len(loads)), [f"{c} clients" for c in loads])
         ax.set_ylabel(what)
     a1.legend(fontsize=8)
-    a1.set_title("serving throughput vs the trainer's budget")
+    a1.set_title("serving throughput vs the trainer's budget (bars: rounds' range)", fontsize=10)
     a2.set_title("tail latency")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,8 +175,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=None, help="topology YAML (osd serve's)")
     ap.add_argument("--loads", default="2,8", help="closed-loop clients per level")
     ap.add_argument("--budgets", default="2", help="trainer steps/s caps between off and max")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=24, help="requests per phase")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=16, help="requests per phase")
     ap.add_argument("--backlog", type=int, default=48, help="requests served first (records)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--domain", default="sql")
