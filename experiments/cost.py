@@ -42,7 +42,7 @@ from pathlib import Path
 SPARE = 0.5  # distill.yield_cpu for a trainer that shares its node with replicas
 
 
-async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dict]:
+async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens, only=None) -> list[dict]:
     from osd.actors.replay import ReplayConfig, replay_async, summarize
 
     trainers = cluster.trainers
@@ -63,6 +63,7 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens) -> list[dic
             phases += [(lb, b, None, nice) for lb, b in budgets]
             phases += [("yield", None, SPARE, 0), ("nice 0", None, None, 0)]
             phases += [("default", None, None, nice)]
+            phases = [ph for ph in phases if only is None or ph[0] in only]
             for r in range(rounds):  # each round starts one phase later: drift in the
                 order = phases[r % len(phases) :] + phases[: r % len(phases)]  # machine's
                 for label, budget, share, prio in order:  # speed falls on every phase alike
@@ -175,6 +176,11 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=None, help="topology YAML (osd serve's)")
     ap.add_argument("--loads", default="2,8", help="closed-loop clients per level")
     ap.add_argument("--budgets", default="2", help="trainer steps/s caps between off and max")
+    ap.add_argument(
+        "--phases",
+        default=None,
+        help="only these settings, comma-separated (off is always run; e.g. 'off,2/s,default')",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--requests", type=int, default=16, help="requests per phase")
     ap.add_argument("--backlog", type=int, default=48, help="requests served first (records)")
@@ -192,6 +198,12 @@ def main() -> None:
 
     loads = [int(x) for x in args.loads.split(",")]
     budgets = [(f"{float(b):g}/s", float(b)) for b in args.budgets.split(",") if b]
+    only = None
+    if args.phases:
+        only = {"off", *(x.strip() for x in args.phases.split(","))}
+        known = {"off", "yield", "nice 0", "default", *(lb for lb, _ in budgets)}
+        if only - known:
+            ap.error(f"--phases: unknown {sorted(only - known)}; known: {sorted(known)}")
     cfg = load_config(args.config)
     if cfg.trainer.count < 1:
         ap.error("the topology has no trainer (trainer.count: 0); nothing to measure")
@@ -216,7 +228,7 @@ def main() -> None:
             ),
         )
         phases = asyncio.run(
-            _phases(cluster, phase_reqs, loads, budgets, args.rounds, args.max_tokens)
+            _phases(cluster, phase_reqs, loads, budgets, args.rounds, args.max_tokens, only)
         )
     finally:
         cluster.shutdown()

@@ -135,7 +135,7 @@ def run_one(name: str, args) -> dict:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         steps_per_request=args.steps_per_request,
-        distill=replace(REPLAY_DISTILL, lora=v["lora"]),
+        distill=replace(REPLAY_DISTILL, lora=v["lora"], lr=args.lr),
     )
     buffer = RoutingLog(MemoryBuffer())
     t0 = time.perf_counter()
@@ -290,6 +290,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--steps-per-request", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 3e-4 full, 1e-3 LoRA)"
+    )
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="60 requests a run")
     ap.add_argument(

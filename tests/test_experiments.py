@@ -133,12 +133,19 @@ def test_cost_rows_average_rounds_and_compare_with_the_trainer_off():
             "trainer_steps": s,
             "trainer_steps_per_s": s / 10,
         }
-        for r, (t, v, s) in enumerate([("off", 100.0, 0), ("max", 90.0, 20)] * 2)
+        for r, pair in enumerate(
+            [[("off", 100.0, 0), ("max", 90.0, 20)], [("max", 60.0, 20), ("off", 50.0, 0)]]
+        )
+        for t, v, s in pair
     ]
     rows = {r["trainer"]: r for r in _rows(phases)}
     assert rows["off"]["ratio_vs_off"] == 1.0
-    assert rows["max"]["ratio_vs_off"] == pytest.approx(0.9)
-    assert rows["max"]["trainer_steps"] == 40 and rows["max"]["p99_s"] == 4.0
+    assert rows["max"]["ratio_vs_off"] == pytest.approx(75 / 75)  # means: 75 vs 75
+    # each round against its own trainer-off phase: 0.9 in a fast round, 1.2 in a slow one
+    assert rows["max"]["ratio_per_round"] == pytest.approx([0.9, 1.2])
+    assert rows["max"]["ratio_median"] == pytest.approx(1.05)
+    assert rows["max"]["tokens_per_s_rounds"] == [90.0, 60.0]
+    assert rows["max"]["trainer_steps"] == 40 and rows["max"]["p99_s"] == 2.0
 
 
 def test_log_cost_redis_run_and_plot(tmp_path):
