@@ -28,7 +28,8 @@ router, the JSON has its routing table (domain × adapter, over the training rec
     python experiments/mixture.py --append --variants mixture-learned --json … --plot …
 
 Runs are sequential (one torch thread); on this 2-core machine one run of 360 requests
-takes 6–8 min (``shared-lora`` is not run by default).
+takes 2 min when the machine is quiet, 6–8 min beside other work (``shared-lora`` is not
+run by default). ``--lr`` sets the learning rate of every variant.
 """
 
 from __future__ import annotations
