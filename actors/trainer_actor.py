@@ -102,6 +102,7 @@ class TrainerActor:
         self._stop = threading.Event()
         self.nice = cfg.trainer.nice
         self._generation = 0  # bumped to retire the training threads (set_nice)
+        self._nice_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._start_threads()
         log.info("%s up on %s, resumed from v%d", name, device, self.resumed_from)
@@ -243,11 +244,12 @@ class TrainerActor:
         ones finish their step, and new ones start at ``nice``."""
         if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
             raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
-        self.nice = nice
-        self._generation += 1
-        for t in self._threads:
-            t.join()
-        self._start_threads()
+        with self._nice_lock:  # one replacement at a time (the actor serves calls in threads)
+            self.nice = nice
+            self._generation += 1
+            for t in self._threads:
+                t.join()
+            self._start_threads()
 
     def _thread_nice(self) -> list[int] | None:
         if not sys.platform.startswith("linux"):

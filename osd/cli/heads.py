@@ -28,7 +28,7 @@ def heads_train(
         ),
     ] = None,
     target: Annotated[str, typer.Option(help="The frozen target.")] = "zoo:target",
-    prompts: Annotated[int, typer.Option(help="Train prompts per domain.")] = 100,
+    prompts: Annotated[int, typer.Option(help="Train prompts per domain.")] = 300,
     domains: Annotated[
         str,
         typer.Option(

@@ -125,7 +125,7 @@ class AdversarialObjective(Objective):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def loss(self, logits: Sequence[Tensor], records: Sequence[DistillRecord]) -> Tensor:
         kd = self.base.loss(logits, records)

@@ -52,7 +52,7 @@ class HeadTrainConfig:
     layers: int = 1
     adversarial: bool = False
     num_heads: int = 4
-    prompts_per_domain: int = 100
+    prompts_per_domain: int = 300
     domains: str | None = None  # comma-separated; None: all five (a drift study: a subset)
     max_new_tokens: int = 64
     prompt_tokens: int = 96
