@@ -16,8 +16,8 @@ Two mechanisms, the first on by default:
   step while the rest of the node uses more than ``share`` of its CPUs, at most
   ``DistillConfig.yield_max_s``, so that it still makes progress under constant load.
 
-Yielding, a worked example: 2 CPUs, the node at 90 % (1.8 CPUs), this trainer 70 % of one CPU → others
-use 1.1 CPUs = 0.55 of the node > 0.5: busy. A trainer on GPUs of its own sets
+Yielding, a worked example: 2 CPUs, the node at 90 % (1.8 CPUs), this trainer 70 % of one
+CPU → others use 1.1 CPUs = 0.55 of the node > 0.5: busy. A trainer on GPUs of its own sets
 ``yield_cpu: null``.
 
 >>> load = NodeLoad(0.5, cpus=2, system=lambda: 90.0, own=lambda: 70.0)
