@@ -180,7 +180,8 @@ def test_head_drafters_stop_early_losslessly_and_log_labels(name) -> None:
         for q in load_domain(d, "eval")[:2]
     ]
     runs = {}
-    for kind, opts in (("stop", {"early_stop": 0.5}), ("plain", {})):
+    # θ 0.7: the zoo heads accept 0.65–0.9 a position, so a stop at 0.5 has little to cut
+    for kind, opts in (("stop", {"early_stop": 0.7}), ("plain", {})):
         drafter = build_drafter(name, target, **opts)
         collector = RecordCollector()
         dec = SpeculativeDecoder(target, drafter, tok, observers=[collector])
