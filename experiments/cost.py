@@ -17,8 +17,8 @@ clients), phases of the same requests with the trainer
               trainer only the cycles the replicas leave,
 
 interleaved over ``--rounds`` rounds, each starting one phase later than the one before,
-so that drift in the machine's load hits every phase alike. Publishing is off throughout (the served weights stay fixed, so only the
-trainer's compute differs). Before the phases the buffer is filled with a backlog of
+so that drift in the machine's load hits every phase alike. Publishing is off throughout
+(the served weights stay fixed, so only the trainer's compute differs). Before the phases the buffer is filled with a backlog of
 records, so a running trainer always has work.
 
     python experiments/cost.py --json cost.json --plot cost.png
@@ -64,9 +64,11 @@ async def _phases(cluster, reqs, loads, budgets, rounds, max_tokens, only=None) 
             phases += [("yield", None, SPARE, 0), ("nice 0", None, None, 0)]
             phases += [("default", None, None, nice)]
             phases = [ph for ph in phases if only is None or ph[0] in only]
-            for r in range(rounds):  # each round starts one phase later: drift in the
-                order = phases[r % len(phases) :] + phases[: r % len(phases)]  # machine's
-                for label, budget, share, prio in order:  # speed falls on every phase alike
+            # each round starts one phase later: drift in the machine's speed falls on
+            # every phase alike
+            for r in range(rounds):
+                order = phases[r % len(phases) :] + phases[: r % len(phases)]
+                for label, budget, share, prio in order:
                     if label == "off":
                         await asyncio.gather(*(t.pause.remote() for t in trainers))
                     else:
