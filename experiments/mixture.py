@@ -305,6 +305,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.lr is not None and not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
     if args.quick:
         args.n = 60
     if args.schedule is None:
