@@ -38,7 +38,7 @@ from osd.actors.config import REGISTRY_ACTOR, ClusterConfig
 
 from osd.buffer import RedisStreamBuffer
 from osd.buffer.base import Outage
-from osd.distill.budget import NodeLoad, lower_thread_priority
+from osd.distill.budget import NodeLoad, check_nice, lower_thread_priority
 from osd.distill.lora import LoraSpec
 from osd.distill.trainer import OnlineDistiller
 from osd.drafters import build_drafter, build_student, drafter_spec
@@ -242,8 +242,7 @@ class TrainerActor:
         """The training threads' priority (``trainer.nice``), live. A thread cannot get back
         a priority it gave up without privileges, so the threads are replaced: the current
         ones finish their step, and new ones start at ``nice``."""
-        if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
-            raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+        check_nice(nice)  # before any thread is retired
         with self._nice_lock:  # one replacement at a time (the actor serves calls in threads)
             self.nice = nice
             self._generation += 1

@@ -6,8 +6,9 @@ Two mechanisms, the first on by default:
 - **Priority** (``trainer.nice``, 19 by default). :func:`lower_thread_priority` gives each
   training thread a nice value, and the OS scheduler does the rest: it runs the thread on
   cycles the replicas leave and hands the core back the moment a replica thread wakes.
-  Under constant full load a nice-19 thread still gets ≈ 1.5 % of a core (weight 15
-  against 1024), so learning slows but does not stop. Linux applies nice per thread, and
+  Under constant full load a nice-19 thread gets ≈ 1.5 % of a core by weight (15 against
+  1024): learning waits for the load to drop (``experiments/priority.py``: no step in its
+  4 s phases beside a saturating loop). Linux applies nice per thread, and
   only among the processes of one session (autogroup). A Ray node's replicas and trainers
   are all workers of the same raylet, so they compete as intended.
 - **Yielding** (``distill.yield_cpu``, off by default). :class:`NodeLoad` reads the node's
@@ -33,9 +34,16 @@ import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["NodeLoad", "lower_thread_priority"]
+__all__ = ["NodeLoad", "check_nice", "lower_thread_priority"]
 
 log = logging.getLogger(__name__)
+
+
+def check_nice(nice: int) -> int:
+    """``nice`` if it is a nice value a thread may take (an int in 0..19), else ValueError."""
+    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+        raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+    return nice
 
 
 def lower_thread_priority(nice: int) -> bool:
@@ -46,8 +54,7 @@ def lower_thread_priority(nice: int) -> bool:
     privileges an ordinary process lacks, so a thread meant to run at 0 again is replaced
     by a new one rather than reniced (``TrainerActor.set_nice``).
     """
-    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
-        raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
+    check_nice(nice)
     if not sys.platform.startswith("linux"):
         log.warning("thread priorities are not set on %s; nice %d ignored", sys.platform, nice)
         return False
