@@ -4,8 +4,10 @@ Why: at the sizes this project serves on a CPU, a Hugging Face forward is mostly
 overhead (mask building, cache objects, output records), and it knows nothing of ragged
 batches of token trees. This forward calls the model's own modules — embeddings, RMSNorms,
 rotary embedding, projections, MLPs, LM head — and does only the attention itself: write
-the new K/V at given positions of each sequence's slot, then SDPA over the slot with a
-boolean mask. The weights stay the HF model's (a hot-swap loads into it, LoRA merges into
+the new K/V at given positions of each sequence's slot, then attend over the slot with a
+boolean mask: the CPU attention kernel (:mod:`osd.kernels.cpu_attention`) for steps of
+up to three new tokens per sequence on fp32 CPU models (plain decode, short drafts), SDPA
+for prefill and elsewhere (``kernel=False`` forces SDPA). The weights stay the HF model's (a hot-swap loads into it, LoRA merges into
 it), so there is one copy and no conversion.
 
 Fewer, larger ops (at batch 1 on a CPU a step is mostly per-op overhead): the q/k/v
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osd.kernels import cpu_attention
 from osd.specdec.kvcache import KVCache
 from osd.specdec.packed import linear, linear_module
 from osd.specdec.rowcost import RowPadding, row_padding
@@ -243,6 +246,7 @@ class LeanLM:
         *,
         logits_at: torch.Tensor | None = None,  # [b]: logits at this position of each row only
         logits: bool = True,
+        kernel: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b, t = ids.shape
         order = _dense_order(slots)
@@ -260,6 +264,7 @@ class LeanLM:
                 hidden,
                 logits_at=at,
                 logits=logits,
+                kernel=kernel,
             )
             return (None if lg is None else lg[back.to(lg.device)]), (
                 None if h is None else h[back.to(h.device)]
@@ -267,11 +272,13 @@ class LeanLM:
         length = mask.shape[-1]
         dev = self.device
         ids, positions, write_at = ids.to(dev), positions.to(dev), write_at.to(dev)
-        slots, mask = slots.to(dev), mask.to(dev)[:, None]  # [b, 1, T, L]
+        mask3 = mask.to(dev)
+        slots, mask = slots.to(dev), mask3[:, None]  # [b, 1, T, L]
         lo = int(slots[0])
         dense = bool(torch.equal(slots, torch.arange(lo, lo + b, device=dev)))
         rows = slots[:, None]  # [b, 1]
         h = self.base.embed_tokens(ids)  # [b, T, H]
+        fused = kernel and cpu_attention.applies(h, t)
         pk = self.plan().use_packed(b * t)  # the cheaper linear at this many rows
         cos, sin = self.base.rotary_emb(h, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [b, T, 1, d]
@@ -297,10 +304,14 @@ class LeanLM:
                 ks, vs = kc[lo : lo + b, :, :length], vc[lo : lo + b, :, :length]
             else:
                 ks, vs = kc[slots, :, :length], vc[slots, :, :length]
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
-            )
-            h = h + linear_module(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1), pk)
+            if fused:  # [b, T, heads, d] in and out
+                o = cpu_attention.attend(q, ks, vs, mask3, hd**-0.5).view(b, t, -1)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
+                )
+                o = o.transpose(1, 2).reshape(b, t, -1)
+            h = h + linear_module(attn.o_proj, o, pk)
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), pk)
         h = self._norm(self.base.norm, h)
         out = h if hidden else None
@@ -387,7 +398,9 @@ def prefill(
         pos = torch.arange(t).repeat(b, 1)
         mask = causal_mask(torch.zeros(b, dtype=torch.long), counts, t)
         rows = torch.tensor([slots[i] for i in group])
-        _, h = lm.forward(cache, rows, ids, pos, pos, mask, hidden=hidden, logits=False)
+        _, h = lm.forward(
+            cache, rows, ids, pos, pos, mask, hidden=hidden, logits=False, kernel=False
+        )
         if h is not None:
             for row, i in enumerate(group):
                 out[i] = h[row, : len(seqs[i])]
