@@ -33,6 +33,7 @@ from osd.drafters.base import DecodeState, Drafter, StepResult
 from osd.drafters.heads import EagleHead, HeadConfig, eagle_layers
 from osd.specdec.decision import AcceptPredictor
 from osd.specdec.lean import causal_mask
+from osd.specdec.packed import linear_module
 from osd.specdec.tree import TokenTree
 
 
@@ -106,7 +107,7 @@ class EagleDrafter(Drafter):
 
     # -- drafting ----------------------------------------------------------------------
     def _run(self, seqs, feats, ids, pos, write_at, mask) -> torch.Tensor:
-        x = self.head.fc(torch.cat([self.base.embed_tokens(ids), feats], dim=-1))
+        x = linear_module(self.head.fc, torch.cat([self.base.embed_tokens(ids), feats], dim=-1))
         slots = torch.tensor([s.slot for s in seqs])
         cs = self.base.rotary_emb(x, pos)
         return eagle_layers(self.head, x, cs, mask, self.cache, slots, write_at)
@@ -151,7 +152,7 @@ class EagleDrafter(Drafter):
         deepest = max(limit)
         a, w, k = len(act), self.width, self.topk
         feat = self._catch_up(act)  # [a, H] predicted root features
-        logp = torch.log_softmax(self.lm_head(feat).float(), -1)  # [a, V]
+        logp = torch.log_softmax(linear_module(self.lm_head, feat).float(), -1)  # [a, V]
         top = logp.topk(k, dim=-1)
         feats = [] if self.stop is None else [self.stop.features(logp, 0)]
         # the candidate pool, level by level: tokens, cumulative scores, parent (pool index)
@@ -189,7 +190,7 @@ class EagleDrafter(Drafter):
             pos = (base - 1 + d)[:, None].expand(a, w)
             at = base[:, None] + f0 + torch.arange(w)[None]
             out = self._run(seqs, parent_feat, toks, pos, at, mask)  # [a, w, H]
-            lp = torch.log_softmax(self.lm_head(out).float(), -1)  # [a, w, V]
+            lp = torch.log_softmax(linear_module(self.lm_head, out).float(), -1)  # [a, w, V]
             if self.stop is not None:  # depth d + 1's distribution under the best node
                 f, limit = self.stop.cut(lp[:, 0], d, limit)
                 feats.append(f)

@@ -24,6 +24,7 @@ import torch
 
 from osd.drafters.base import DecodeState, Drafter
 from osd.drafters.heads import HeadConfig, MedusaHeads
+from osd.specdec.packed import linear_module
 from osd.specdec.tree import TokenTree
 
 Path_ = tuple[int, ...]
@@ -97,7 +98,7 @@ class MedusaDrafter(Drafter):
         if not active or not self.paths:
             return trees
         h = torch.stack([states[i].target_hidden[-1] for i in active])  # [a, H]
-        logits = self.lm_head(self.heads(h))  # [a, K, V]
+        logits = linear_module(self.lm_head, self.heads(h))  # [a, K, V]
         top = logits.topk(self.topk, dim=-1).indices  # [a, K, topk]
         tokens = top[:, self.head_of, self.rank].cpu()  # [a, n]: node j's token
         for row, i in enumerate(active):

@@ -68,7 +68,8 @@ accepted with Σ min(p, q).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,7 @@ from torch import Tensor, nn
 from osd.drafters.base import DecodeState, Drafter
 from osd.drafters.heads import HeadConfig, ResBlock
 from osd.specdec.decision import AcceptPredictor
+from osd.specdec.packed import linear_module
 from osd.specdec.sampling import warp_probs
 from osd.specdec.tree import TokenTree
 
@@ -129,7 +131,7 @@ def unroll(head: RecurrentHead, embed: nn.Module, h: Tensor, ids: Tensor) -> Ten
 def beam_search(
     head: RecurrentHead,
     embed: nn.Module,
-    lm_head: nn.Module,
+    lm_head: Callable[[Tensor], Tensor],  # the LM head (a module or a projection)
     h: Tensor,
     root: Tensor,
     shape,
@@ -196,7 +198,7 @@ def beams_to_tree(beams: Sequence[Sequence[int]]) -> TokenTree:
 def sample_tree(
     head: RecurrentHead,
     embed: nn.Module,
-    lm_head: nn.Module,
+    lm_head: Callable[[Tensor], Tensor],  # the LM head (a module or a projection)
     states: Sequence[DecodeState],
     h: Tensor,  # [a, H]
     shape: BeamShape,
@@ -292,6 +294,8 @@ class RecurrentDrafter(Drafter):
         self.config = config
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
+        # drafting projects through oneDNN's packed copy of the LM head (osd.specdec.packed)
+        self._project = functools.partial(linear_module, self.lm_head)
         self.shape = BeamShape(width, length)
         self.stochastic = stochastic
         self.all_levels = all_levels
@@ -326,7 +330,7 @@ class RecurrentDrafter(Drafter):
             shape = BeamShape(self.shape.width, max(limit[i] for i in beams))
             lims = [limit[i] for i in beams]
             levels, _, feats = beam_search(
-                self.head, self.embed, self.lm_head, h, root, shape, self.stop, lims
+                self.head, self.embed, self._project, h, root, shape, self.stop, lims
             )
             for row, i in enumerate(beams):
                 n = lims[row]
@@ -340,7 +344,7 @@ class RecurrentDrafter(Drafter):
             got = sample_tree(
                 self.head,
                 self.embed,
-                self.lm_head,
+                self._project,
                 [states[i] for i in sampled],
                 h,
                 self.shape,
