@@ -20,8 +20,10 @@ dtypes keep SDPA.
 
 Build: compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and
 ``ninja``; ≈ 35 s once, cached under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, keyed by this CPU's feature flags since it is built with
-``-march=native``). Where the build fails, or ``OSD_CPU_ATTENTION=0``, SDPA runs instead
+``~/.cache/torch_extensions``, named by a hash of the source and of this CPU's feature
+flags since it is built with ``-march=native``). Later processes import the built library
+directly, without the build's file lock, and a lock left by a process killed mid-build is
+cleared after :data:`STALE_LOCK_S`. Where the build fails, or ``OSD_CPU_ATTENTION=0``, SDPA runs instead
 (with one warning giving the reason). The build is checked against SDPA before use.
 
 Numerics: the same fp32 formula as SDPA (max-subtracted softmax); summation order
@@ -32,10 +34,12 @@ keys, values and mask — not on the batch it runs in (batch invariance).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -49,24 +53,39 @@ _module = None
 _state: str | None = None  # None: not tried; "ok"; otherwise why it is off
 
 
-def _cpu_key() -> str:
-    """A short hash of this CPU's feature flags (the build uses ``-march=native``)."""
-    flags = platform.machine()
+def _name() -> str:
+    """The build's name: a hash of the source and of this CPU's feature flags (it is built
+    with ``-march=native``), so a changed source or another CPU gets a build of its own."""
+    key = platform.machine() + _SOURCE.read_text()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags += line
+                key += line
                 break
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return "osd_cpu_attention_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build
 
 
 def _build():
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
-    return load(
-        name=f"osd_cpu_attention_{_cpu_key()}",
+    name = _name()
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    built = folder / f"{name}.so"
+    if built.exists():  # built before: import it, without the build's lock (and ninja)
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # else every later process would wait on it forever
+    return cpp_extension.load(
+        name=name,
         sources=[str(_SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],

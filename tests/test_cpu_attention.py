@@ -100,3 +100,24 @@ def test_without_the_kernel_attend_is_sdpa(monkeypatch):
     mask = torch.ones(2, 1, 6, dtype=torch.bool)
     mask[0, :, 3:] = False
     assert torch.equal(cpu_attention.attend(q, k, v, mask, 0.3), _sdpa(q, k, v, mask, 0.3))
+
+
+def test_a_build_lock_left_by_a_killed_process_is_cleared(monkeypatch, tmp_path):
+    """A process killed mid-build leaves ``lock`` behind; torch's loader would wait on it
+    forever. An old one is removed before building; a fresh one (a build in progress) is
+    left alone."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: tmp_path)
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw["name"]) or "built")
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert cpu_attention._build() == "built" and lock.exists()  # fresh: another build's
+    old = time.time() - cpu_attention.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cpu_attention._build() == "built" and not lock.exists()
+    assert calls == [cpu_attention._name()] * 2
