@@ -20,8 +20,8 @@ dtypes keep SDPA.
 
 Build: compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and
 ``ninja``; ≈ 35 s once, cached under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, named by a hash of the source and of this CPU's feature
-flags since it is built with ``-march=native``). Later processes import the built library
+``~/.cache/torch_extensions``, named by a hash of the source, the torch version and this
+CPU's feature flags since it is built with ``-march=native``). Later processes import the built library
 directly, without the build's file lock, and a lock left by a process killed mid-build is
 cleared after :data:`STALE_LOCK_S`. Where the build fails, or ``OSD_CPU_ATTENTION=0``, SDPA runs instead
 (with one warning giving the reason). The build is checked against SDPA before use.
@@ -54,9 +54,10 @@ _state: str | None = None  # None: not tried; "ok"; otherwise why it is off
 
 
 def _name() -> str:
-    """The build's name: a hash of the source and of this CPU's feature flags (it is built
-    with ``-march=native``), so a changed source or another CPU gets a build of its own."""
-    key = platform.machine() + _SOURCE.read_text()
+    """The build's name: a hash of the source, the torch version and this CPU's feature
+    flags (it is built with ``-march=native``), so a changed source, another torch (its
+    C++ ABI) or another CPU gets a build of its own."""
+    key = platform.machine() + torch.__version__ + _SOURCE.read_text()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
