@@ -33,6 +33,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_ro
 
 from osd.models import zoo_dir
 from osd.specdec.kvcache import KVCache
+from osd.specdec.lean import norm_op
 from osd.specdec.packed import linear_module
 
 HEAD_KINDS = ("medusa", "eagle", "recurrent")
@@ -133,7 +134,7 @@ def eagle_layers(
     gqa = head.kv_heads != head.heads
     for i, layer in enumerate(head.layers):
         attn = layer.self_attn
-        y = _norm(layer.input_layernorm, x)
+        y = norm_op(layer.input_layernorm, x)
         q = linear_module(attn.q_proj, y).view(b, t, head.heads, head.head_dim).transpose(1, 2)
         k = linear_module(attn.k_proj, y).view(b, t, head.kv_heads, head.head_dim)
         v = linear_module(attn.v_proj, y).view(b, t, head.kv_heads, head.head_dim)
@@ -148,16 +149,8 @@ def eagle_layers(
             k, v = kc[slots, :, :length], vc[slots, :, :length]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         x = x + linear_module(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
-        x = x + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+        x = x + _mlp(layer.mlp, norm_op(layer.post_attention_layernorm, x))
     return x
-
-
-def _norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """An RMSNorm as one fused op (``F.rms_norm``, HF's formula) in fp32, else the module."""
-    w = getattr(norm, "weight", None)
-    if type(norm).__name__ == "LlamaRMSNorm" and w is not None and x.dtype == torch.float32:
-        return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
-    return norm(x)
 
 
 def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:

@@ -198,13 +198,6 @@ class LeanLM:
         g, u = gu(x, packed)
         return linear_module(mlp.down_proj, mlp.act_fn(g) * u, packed)
 
-    @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = getattr(norm, "weight", None)
-        if type(norm).__name__ in _RMS_NORMS and w is not None and x.dtype == torch.float32:
-            return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
-        return norm(x)
-
     def plan(self) -> RowPadding:
         """This model's measured costs per row count (:func:`~osd.specdec.rowcost.row_padding`,
         once per process per shapes): which linear to run a forward of ``m`` rows through."""
@@ -286,7 +279,7 @@ class LeanLM:
         nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
+            x = norm_op(layer.input_layernorm, h)
             qkv = self._qkv(i)
             if qkv is not None:
                 y = qkv.linear(x, pk).view(b, t, nh + 2 * nkv, hd)
@@ -312,14 +305,23 @@ class LeanLM:
                 )
                 o = o.transpose(1, 2).reshape(b, t, -1)
             h = h + linear_module(attn.o_proj, o, pk)
-            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h), pk)
-        h = self._norm(self.base.norm, h)
+            h = h + self._mlp(i, norm_op(layer.post_attention_layernorm, h), pk)
+        h = norm_op(self.base.norm, h)
         out = h if hidden else None
         if not logits:
             return None, out
         if logits_at is not None:
             h = h[torch.arange(b, device=dev), logits_at.to(dev)]  # [b, H]
         return linear_module(self.model.lm_head, h, pk), out
+
+
+def norm_op(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; an RMSNorm of the Llama family in fp32 as one fused op (``F.rms_norm``,
+    the same formula as HF's)."""
+    w = getattr(norm, "weight", None)
+    if type(norm).__name__ in _RMS_NORMS and w is not None and x.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
+    return norm(x)
 
 
 def _dense_order(slots: torch.Tensor) -> torch.Tensor | None:
