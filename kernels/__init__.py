@@ -28,7 +28,36 @@ import functools
 import os
 from collections.abc import Iterator
 
-import torch
+
+def _hand_over_the_name() -> None:
+    """This folder is the package ``osd.kernels``. Imported as a top-level ``kernels`` —
+    the repository root on ``sys.path``: ``python -m …`` run from it, a process started
+    there — it would shadow Hugging Face's ``kernels`` library, which transformers imports
+    as it loads (and requires since 5.25). So the name is handed to that library where
+    it is installed: the import system returns whatever ``sys.modules["kernels"]`` holds
+    once this file ran."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None:  # the library is not installed: nothing to shadow (transformers
+        return  # < 5.25 imports this folder to look for a version; it finds none)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_the_name()
+
+import torch  # noqa: E402
 
 __all__ = [
     "BACKENDS",

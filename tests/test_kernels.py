@@ -261,3 +261,28 @@ def test_every_kernel_compiles_for_an_h100_without_one() -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "11 kernels compiled for sm_90" in done.stdout
+
+
+def test_the_top_level_name_kernels_is_hugging_faces_library():
+    """Run from the repository root (``python -m …``), ``kernels/`` is importable as a
+    top-level ``kernels``, the name of Hugging Face's library that transformers (5.25+)
+    imports as it loads. The folder hands the name over where the library is installed:
+    transformers loads either way, and ``kernels`` is then the library."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import transformers.activations\nimport kernels; print(kernels.__file__)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, ours = out.stdout.strip().splitlines()[-1], str(root / "kernels" / "__init__.py")
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:  # not installed: the folder, as before
+        assert where == ours
+    else:
+        assert where != ours and where.endswith("__init__.py"), where
