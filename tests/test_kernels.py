@@ -286,3 +286,19 @@ def test_the_top_level_name_kernels_is_hugging_faces_library():
         assert where == ours
     else:
         assert where != ours and where.endswith("__init__.py"), where
+
+
+def test_no_experiment_script_shadows_an_installed_package():
+    """``python experiments/NAME.py`` puts ``experiments/`` first on ``sys.path``: a script
+    named like a package that transformers imports (``kernels``, since 5.25) breaks every
+    other script there."""
+    import importlib.machinery
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    path = [p for p in sys.path if Path(p or ".").resolve() != folder]  # tests import scripts
+    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    found = importlib.machinery.PathFinder.find_spec
+    shadowing = sorted(n for n in names if n == "kernels" or found(n, path) is not None)
+    assert not shadowing, f"rename experiments/{shadowing[0]}: it shadows a package"

@@ -1,6 +1,6 @@
 """Triton kernels vs their PyTorch references at serving shapes, on a GPU.
 
-    python experiments/kernels.py --json kernels.json --plot kernels.png
+    python experiments/kernel_timings.py --json kernels.json --plot kernels.png
 
 Per piece (``osd.kernels``), each shape timed with ``triton.testing.do_bench`` (median of
 repeated runs, CUDA events), kernel and reference in the same process, same inputs:
