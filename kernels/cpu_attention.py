@@ -5,13 +5,13 @@ over its cached keys and values. PyTorch's CPU ``scaled_dot_product_attention`` 
 flash kernel) runs each (sequence, head) pair as small matrix products with a fixed cost
 per pair, so with 32 sequences × 4 heads × 161 cached positions (the zoo target at
 concurrency 32) it takes ≈ 1.2 ms a layer, where streaming those keys and values from
-memory once takes ≈ 0.45 ms. :file:`cpu_attention.cpp` reads each key and value row once
+memory once takes ≈ 0.45 ms. :file:`cpu_attention.cpp` reads each key and value row
 once for all of a pair's ``T`` new tokens with vectorised dot products, skips masked
-positions, and runs the pairs over PyTorch's intra-op threads. Measured by ``python -m
-osd.kernels.cpu_attention`` (prints both, same process): at ``T`` = 1 it takes ≈ 0.6× of
-SDPA's time, at 2 ≈ 0.8×, at 3 ≈ 0.9×, at 5 ≈ 1.1× and at 9 ≈ 1.6× (its dot products
-then cost more than SDPA's matrix products: ≈ 15 GFLOP/s against SDPA's ≈ 40), so it
-runs up to :data:`MAX_TOKENS` new tokens.
+positions, and runs the pairs over PyTorch's intra-op threads. Measured (session script,
+interleaved; ``python -m osd.kernels.cpu_attention`` prints the ``T`` = 1 case): at
+``T`` = 1 it takes ≈ 0.6× of SDPA's time, at 2 ≈ 0.8×, at 3 ≈ 0.9×, at 5 ≈ 1.1× and at 9
+≈ 1.6× (one dot product per query and key costs more than SDPA's matrix products once
+there are several queries), so it runs up to :data:`MAX_TOKENS` new tokens.
 
 Where: the lean forward's steps of at most :data:`MAX_TOKENS` new tokens per sequence on
 fp32 CPU models (:meth:`osd.specdec.lean.LeanLM.forward`): plain decode at any batch,
@@ -21,10 +21,11 @@ dtypes keep SDPA.
 Build: compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and
 ``ninja``; ≈ 35 s once, cached under ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``, named by a hash of the source, the torch version and this
-CPU's feature flags since it is built with ``-march=native``). Later processes import the built library
-directly, without the build's file lock, and a lock left by a process killed mid-build is
-cleared after :data:`STALE_LOCK_S`. Where the build fails, or ``OSD_CPU_ATTENTION=0``, SDPA runs instead
-(with one warning giving the reason). The build is checked against SDPA before use.
+CPU's feature flags since it is built with ``-march=native``). Later processes import
+the built library directly, without the build's file lock, and a lock left by a process
+killed mid-build is cleared after :data:`STALE_LOCK_S`. Where the build fails, or
+``OSD_CPU_ATTENTION=0``, SDPA runs instead (with one warning giving the reason). The
+build is checked against SDPA before use.
 
 Numerics: the same fp32 formula as SDPA (max-subtracted softmax); summation order
 differs, so results agree to ~1e-6, and a row's result depends only on its own query,

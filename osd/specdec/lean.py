@@ -7,8 +7,8 @@ rotary embedding, projections, MLPs, LM head — and does only the attention its
 the new K/V at given positions of each sequence's slot, then attend over the slot with a
 boolean mask: the CPU attention kernel (:mod:`osd.kernels.cpu_attention`) for steps of
 up to three new tokens per sequence on fp32 CPU models (plain decode, short drafts), SDPA
-for prefill and elsewhere (``kernel=False`` forces SDPA). The weights stay the HF model's (a hot-swap loads into it, LoRA merges into
-it), so there is one copy and no conversion.
+for prefill and elsewhere (``kernel=False`` forces SDPA). The weights stay the HF model's
+(a hot-swap loads into it, LoRA merges into it), so there is one copy and no conversion.
 
 Fewer, larger ops (at batch 1 on a CPU a step is mostly per-op overhead): the q/k/v
 projections run as **one** matmul and the MLP's gate/up as another, as vLLM's merged
