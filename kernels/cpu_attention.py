@@ -18,14 +18,14 @@ fp32 CPU models (:meth:`osd.specdec.lean.LeanLM.forward`): plain decode at any b
 short verifications and draft steps; prefill, longer trees and chains, other devices and
 dtypes keep SDPA.
 
-Build: compiled on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and
-``ninja``; ≈ 35 s once, cached under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, named by a hash of the source, the torch version and this
-CPU's feature flags since it is built with ``-march=native``). Later processes import
-the built library directly, without the build's file lock, and a lock left by a process
-killed mid-build is cleared after :data:`STALE_LOCK_S`. Where the build fails, or
-``OSD_CPU_ATTENTION=0``, SDPA runs instead (with one warning giving the reason). The
-build is checked against SDPA before use.
+Build: compiled on first use (a lean forward's model load calls :func:`available`) with
+``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja``; ≈ 35 s once, cached
+under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, named by a hash of the
+source, the torch version and this CPU's feature flags since it is built with
+``-march=native``). Later processes import the built library directly, without the build's
+file lock, and a lock left by a process killed mid-build is cleared after
+:data:`STALE_LOCK_S`. Where the build fails, or ``OSD_CPU_ATTENTION=0``, SDPA runs instead
+(with one warning giving the reason). The build is checked against SDPA before use.
 
 Numerics: the same fp32 formula as SDPA (max-subtracted softmax); summation order
 differs, so results agree to ~1e-6, and a row's result depends only on its own query,

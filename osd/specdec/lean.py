@@ -172,6 +172,8 @@ class LeanLM:
         for i in range(len(layers)):
             self._qkv(i), self._gate_up(i)
         self._plan: RowPadding | None = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            cpu_attention.available()  # a first build (≈ 35 s) at load, not in a request
 
     def _merge(self, i: int, what: str, layers: list[nn.Module]) -> Merged | None:
         m = self._merged.get((i, what))
