@@ -35,6 +35,7 @@ from collections.abc import Callable
 from osd.buffer import SampleBuffer
 from osd.buffer.base import Outage
 from osd.distill.record import DistillRecord, encode
+from osd.specdec import threads
 
 __all__ = ["KeyQuota", "RecordSink", "holdout_stream", "is_holdout"]
 
@@ -152,6 +153,7 @@ class RecordSink:
         return self.drafter_id
 
     def _run(self) -> None:
+        threads.side()  # encoding on one thread: the serving loop's team keeps the cores
         while True:
             try:
                 record = self._queue.get(timeout=0.5)

@@ -67,6 +67,7 @@ from osd.models import load_model, load_tokenizer
 from osd.registry import spec_of
 from osd.serving import Delta, ServeRequest, ServingLoop, SwapEvent
 from osd.serving.follow import VersionFollower
+from osd.specdec import threads
 from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import SpeculativeDecoder
 
@@ -127,7 +128,8 @@ class OSDServer:
         self.cfg = cfg
         device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.started = int(time.time())
-        decoder = build_decoder(cfg, device)
+        # built apart: the serving loop's thread is the process's one OpenMP team (threads.py)
+        decoder = threads.apart(build_decoder, cfg, device)
         self.tokenizer = decoder.tokenizer
         self.drafter_options = cfg.serve.drafter_config(cfg.drafter, cfg.k)
         self.reference = spec_of(decoder.drafter.state_dict())
@@ -199,6 +201,7 @@ class OSDServer:
         """Follow the registry's live version by its ref (epoch, version, checksum): fetch,
         verify and offer new weights; upload ours when the registry lost them
         (:class:`~osd.serving.follow.VersionFollower`)."""
+        threads.side()  # weight checks on one thread: the loop's team keeps the cores
         backoff = self.cfg.registry.poll_s
         followers = [
             (f, self._registry_calls(f.what))

@@ -2,9 +2,10 @@
 
 import os
 
-# Small models on shared CPUs: OpenMP threads that spin-wait between parallel regions make
-# a multi-token forward 10-100× slower whenever another process wants the cores. Sleeping
-# instead costs microseconds. Must be set before torch loads OpenMP; users can override it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP workers spin ~0.2 ms between parallel regions, then sleep (osd/specdec/threads.py:
+# a decode step of a small model is ~100 small regions, and a sleeping worker takes tens of
+# µs to wake on a VM; an idle process still leaves the cores to others within 0.2 ms).
+# Must be set before torch loads OpenMP; users can override either variable.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 __version__ = "0.1.0"

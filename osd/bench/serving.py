@@ -40,6 +40,7 @@ import torch
 from osd.drafters import build_drafter, drafter_spec
 from osd.models import load_model, load_tokenizer
 from osd.serving import Delta, RequestResult, ServeRequest, ServingLoop
+from osd.specdec import threads
 from osd.specdec.controller import SpeculationController
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.workloads.datasets import load_domain, parse_domains
@@ -189,6 +190,15 @@ def _load_prompts(cfg: ServingBenchConfig, tok, data_dir) -> list[list[int]]:
     return [prompts[i % len(prompts)] for i in range(total)]
 
 
+def _build(cfg: ServingBenchConfig) -> SpeculativeDecoder:
+    device = torch.device(cfg.device) if cfg.device else None
+    target, tok = load_model(cfg.target, device), load_tokenizer(cfg.target)
+    draft = load_model(cfg.draft, device) if drafter_spec(cfg.drafter).needs_draft else None
+    drafter = build_drafter(cfg.drafter, target, draft, lenient=True, k=cfg.k, tree=cfg.tree)
+    controller = SpeculationController(k_max=cfg.k) if cfg.adaptive else None
+    return SpeculativeDecoder(target, drafter, tok, controller=controller)
+
+
 def run_serving_bench(
     cfg: ServingBenchConfig,
     data_dir=None,
@@ -200,12 +210,8 @@ def run_serving_bench(
     and as its requests finish.
     """
     cfg.validate()
-    device = torch.device(cfg.device) if cfg.device else None
-    target, tok = load_model(cfg.target, device), load_tokenizer(cfg.target)
-    draft = load_model(cfg.draft, device) if drafter_spec(cfg.drafter).needs_draft else None
-    drafter = build_drafter(cfg.drafter, target, draft, lenient=True, k=cfg.k, tree=cfg.tree)
-    controller = SpeculationController(k_max=cfg.k) if cfg.adaptive else None
-    decoder = SpeculativeDecoder(target, drafter, tok, controller=controller)
+    decoder = threads.apart(_build, cfg)  # the loop's thread alone computes (threads.py)
+    target, tok = decoder.target, decoder.tokenizer
     if cfg.ignore_eos:
         decoder.eos = set()
     prompts = _load_prompts(cfg, tok, data_dir)

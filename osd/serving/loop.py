@@ -59,6 +59,7 @@ import torch
 from osd.distill.collect import RecordCollector
 from osd.distill.record import DistillRecord
 from osd.drafters.base import DecodeState
+from osd.specdec import threads
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.sampling import SamplingParams
 
@@ -199,6 +200,9 @@ class ServingLoop:
         self.on_record = on_record
         self.on_swap = on_swap
         self.max_batch = max_batch
+        # the loop's thread is the process's compute thread (osd.specdec.threads): it gets
+        # the intra-op threads of the thread that made the loop
+        self.threads = torch.get_num_threads()
         self._cond = threading.Condition()
         self._inbox: deque[_Seq] = deque()
         self._active: list[_Seq] = []
@@ -302,6 +306,7 @@ class ServingLoop:
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
+        threads.compute(self.threads)
         while True:
             with self._cond:
                 while not (self._inbox or self._active or self._offer or self._stopping):
