@@ -13,6 +13,9 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see osd/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CPU attention kernel wherever it applies, not the one measured faster on this machine:
+# every engine test then runs through it (tests/test_cpu_attention.py tests the choice)
+os.environ.setdefault("OSD_CPU_ATTENTION", "1")
 
 import pytest
 import torch

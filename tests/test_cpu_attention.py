@@ -121,3 +121,17 @@ def test_a_build_lock_left_by_a_killed_process_is_cleared(monkeypatch, tmp_path)
     os.utime(lock, (old, old))
     assert cpu_attention._build() == "built" and not lock.exists()
     assert calls == [cpu_attention._name()] * 2
+
+
+@needs_kernel
+def test_the_faster_of_kernel_and_sdpa_is_measured_once_unless_forced(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_FASTER", {})
+    monkeypatch.setenv("OSD_CPU_ATTENTION", "1")  # forced: nothing measured
+    assert cpu_attention.faster_here(4, 2, 8) is True and cpu_attention._FASTER == {}
+    monkeypatch.delenv("OSD_CPU_ATTENTION")
+    first = cpu_attention.faster_here(4, 2, 8, batch=2, cached=16)
+    assert isinstance(first, bool) and list(cpu_attention._FASTER) == [
+        (4, 2, 8, torch.get_num_threads())
+    ]
+    monkeypatch.setitem(cpu_attention._FASTER, (4, 2, 8, torch.get_num_threads()), not first)
+    assert cpu_attention.faster_here(4, 2, 8) is (not first)  # the stored answer, not re-measured

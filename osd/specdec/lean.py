@@ -273,7 +273,11 @@ class LeanLM:
         dense = bool(torch.equal(slots, torch.arange(lo, lo + b, device=dev)))
         rows = slots[:, None]  # [b, 1]
         h = self.base.embed_tokens(ids)  # [b, T, H]
-        fused = kernel and cpu_attention.applies(h, t)
+        fused = (
+            kernel
+            and cpu_attention.applies(h, t)
+            and cpu_attention.faster_here(self.heads, self.kv_heads, self.head_dim)
+        )
         pk = self.plan().use_packed(b * t)  # the cheaper linear at this many rows
         cos, sin = self.base.rotary_emb(h, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [b, T, 1, d]
