@@ -666,3 +666,19 @@ def test_typical_is_lossy() -> None:
     q = torch.tensor([[0.5, 0.3, 0.2], [1 / 3] * 3])
     result = accept_typical(torch.tensor([2]), torch.tensor([-1]), q)
     assert result.emitted_tokens[0] == 2  # every time, though the target emits 2 w.p. 0.2
+
+
+def test_tree_batch_topologies_are_remembered_and_safe_from_the_callers_tensor():
+    from osd.specdec.accept_batch import _KNOWN_MAX, TreeBatch
+
+    parents = torch.tensor([[-1, 0, 1], [-1, 0, -2]])
+    first = TreeBatch.of(parents, 2, torch.device("cpu"))
+    assert TreeBatch.of(parents.clone(), 2, torch.device("cpu")) is first  # same shapes
+    parents[0, 2] = 0  # the caller reuses its tensor: what was remembered does not change
+    assert first.parents[0].tolist() == [-1, 0, 1]
+    assert TreeBatch.of(parents, 2, torch.device("cpu")) is not first
+    for n in range(_KNOWN_MAX + 1):  # bounded: the oldest is forgotten
+        TreeBatch.of(torch.full((1, n + 1), -1), 1, torch.device("cpu"))
+    assert (
+        TreeBatch.of(torch.tensor([[-1, 0, 1], [-1, 0, -2]]), 2, torch.device("cpu")) is not first
+    )
