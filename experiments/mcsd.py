@@ -178,53 +178,59 @@ def run_load(target, draft, tok, args) -> list[dict]:
     adaptive = build_drafter("draft_model", target, draft, k=max(FIXED_KS))
     configs["adaptive"] = (adaptive, SpeculationController(k_max=max(FIXED_KS)))
     levels = args.concurrency
-    loops = {}
+    decoders = {}
     for name, (drafter, controller) in configs.items():
         dec = SpeculativeDecoder(target, drafter, tok, controller=controller)
         dec.eos = set()
-        loops[name] = ServingLoop(dec, max_batch=max(levels)).start()
+        decoders[name] = dec
+
+    def serve(name: str, prompts: list, c: int, tokens: int):
+        """One level on a loop of its own, stopped after it: a stopped loop's thread ends
+        with its OpenMP team, so the configuration serving now holds the process's only
+        team (osd/specdec/threads.py); six live loops would throttle each other's workers."""
+        loop = ServingLoop(decoders[name], max_batch=max(levels)).start()
+        try:
+            results, w = _serve_level(loop, prompts, c, tokens, 600.0)
+        finally:
+            loop.stop()
+        return results, w, loop.steps, loop.stepped
+
     pool = _prompts(tok, args.n, 0)
     rows = []
-    try:
-        for loop in loops.values():  # warm-up: batched shapes, first-call allocations
-            _serve_level(loop, pool[: max(levels)], max(levels), 4, 600.0)
-        names = list(loops)
-        for c in levels:
-            # rounds: every configuration serves each round's requests, in an order rotated
-            # per round, so load from other processes hits all alike; totals over rounds
-            per_round = max(8, 2 * c)
-            got: dict[str, list] = {name: [] for name in names}
-            wall = dict.fromkeys(names, 0.0)
-            steps = dict.fromkeys(names, 0)
-            stepped = dict.fromkeys(names, 0)
-            for r in range(args.rounds):
-                prompts = [pool[(r * per_round + i) % len(pool)] for i in range(per_round)]
-                for name in names[r % len(names) :] + names[: r % len(names)]:
-                    loop = loops[name]
-                    s0, b0 = loop.steps, loop.stepped
-                    results, w = _serve_level(loop, prompts, c, args.serving_tokens, 600.0)
-                    got[name] += results
-                    wall[name] += w
-                    steps[name] += loop.steps - s0
-                    stepped[name] += loop.stepped - b0
-            row: dict = {"concurrency": c, "requests": per_round * args.rounds}
-            for name in names:
-                lv = _level(c, got[name], wall[name], steps[name], stepped[name])
-                row[name] = {
-                    key: lv[key]
-                    for key in ("tokens_per_s", "p50_s", "p99_s", "mean_batch", "mean_depth", "tau")
-                }
-                logging.info("c=%d %s: %.1f tok/s", c, name, lv["tokens_per_s"])
-            fixed = {k: row[f"k={k}"]["tokens_per_s"] for k in FIXED_KS}
-            best = max(fixed, key=fixed.get)
-            row["tokens_per_s_adaptive"] = row["adaptive"]["tokens_per_s"]
-            row["tokens_per_s_off"] = row["off"]["tokens_per_s"]
-            row["tokens_per_s_best_fixed"] = fixed[best]
-            row["best_fixed_k"] = best
-            rows.append(row)
-    finally:
-        for loop in loops.values():
-            loop.stop()
+    for name in decoders:  # warm-up: batched shapes, first-call allocations
+        serve(name, pool[: max(levels)], max(levels), 4)
+    names = list(decoders)
+    for c in levels:
+        # rounds: every configuration serves each round's requests, in an order rotated
+        # per round, so load from other processes hits all alike; totals over rounds
+        per_round = max(8, 2 * c)
+        got: dict[str, list] = {name: [] for name in names}
+        wall = dict.fromkeys(names, 0.0)
+        steps = dict.fromkeys(names, 0)
+        stepped = dict.fromkeys(names, 0)
+        for r in range(args.rounds):
+            prompts = [pool[(r * per_round + i) % len(pool)] for i in range(per_round)]
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                results, w, s, b = serve(name, prompts, c, args.serving_tokens)
+                got[name] += results
+                wall[name] += w
+                steps[name] += s
+                stepped[name] += b
+        row: dict = {"concurrency": c, "requests": per_round * args.rounds}
+        for name in names:
+            lv = _level(c, got[name], wall[name], steps[name], stepped[name])
+            row[name] = {
+                key: lv[key]
+                for key in ("tokens_per_s", "p50_s", "p99_s", "mean_batch", "mean_depth", "tau")
+            }
+            logging.info("c=%d %s: %.1f tok/s", c, name, lv["tokens_per_s"])
+        fixed = {k: row[f"k={k}"]["tokens_per_s"] for k in FIXED_KS}
+        best = max(fixed, key=fixed.get)
+        row["tokens_per_s_adaptive"] = row["adaptive"]["tokens_per_s"]
+        row["tokens_per_s_off"] = row["off"]["tokens_per_s"]
+        row["tokens_per_s_best_fixed"] = fixed[best]
+        row["best_fixed_k"] = best
+        rows.append(row)
     return rows
 
 
@@ -320,13 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     from osd.models import load_model, load_tokenizer
+    from osd.specdec import threads
 
-    target, draft = load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu")
+    # one OpenMP team at a time (osd/specdec/threads.py): models load, and the methods run,
+    # in threads that end; each serving loop below is started and stopped around its level
+    target, draft = threads.apart(
+        lambda: (load_model("zoo:target", "cpu"), load_model("zoo:draft", "cpu"))
+    )
     tok = load_tokenizer("zoo:target")
     t0 = time.time()
     report: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}}
     report["config"]["json"] = str(args.json)
-    report["methods"] = {} if args.skip_methods else run_methods(target, draft, tok, args)
+    report["methods"] = (
+        {} if args.skip_methods else threads.apart(run_methods, target, draft, tok, args)
+    )
     report["load"] = [] if args.skip_load else run_load(target, draft, tok, args)
     report["goals"] = goals(report)
     report["wall_s"] = time.time() - t0
