@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # improved MCSD (experiments/mcsd.py, "improved + decision"): the target's argmax as the
     # first level, the 4,2,2 k-config drafted below it, trees cut by the decision model
     "mcsd": ("draft_model", {"tree": "1,4,2,2", "target_init": True, "early_stop": 0.5}),
+    # Medusa's tree fixed at 32 nodes, as in the runs in docs/: its default ("auto") is
+    # sized from this machine's timings, which would make the rows machine-dependent
+    "medusa": ("medusa", {"nodes": 32}),
+    "koala-medusa": ("koala-medusa", {"nodes": 32}),
 }
 FAMILIES = "draft_model,mcsd,medusa,koala-medusa,eagle,koala-eagle,recurrent"
 WINDOW, BEFORE, LAST = 20, 30, 50

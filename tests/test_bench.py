@@ -39,8 +39,9 @@ def test_default_methods_by_drafter_name():
     assert ngram[0].kind == "hf"  # the reference of speedup and matches_target comes first
     with pytest.raises(ValueError, match="unknown drafter 'redrafter'; choose from"):
         default_methods(4, ["redrafter"])
-    heads = default_methods(4, ["medusa", "eagle"])  # head drafters: one row each, by name
-    assert [m.name for m in heads][-2:] == ["medusa", "eagle"]
+    heads = default_methods(4, ["medusa", "eagle"])  # head drafters: a row each, by name
+    assert [m.name for m in heads][-3:] == ["medusa", "medusa 32 nodes", "eagle"]
+    assert heads[-3].options == () and dict(heads[-2].options) == {"nodes": 32}  # auto-sized
 
 
 def test_levels_and_percentiles():

@@ -52,8 +52,21 @@ def test_medusa_tree_grows_by_expected_length():
 @pytest.mark.parametrize("name", HEAD_DRAFTERS)
 def test_greedy_equals_hf_greedy_batched(zoo, cases, name):
     target, tok = zoo
-    tau = greedy_tau(SpeculativeDecoder(target, build_drafter(name, target), tok), cases)
+    big = {"nodes": 32} if "medusa" in name else {}  # the biggest tree the CLI ever used
+    tau = greedy_tau(SpeculativeDecoder(target, build_drafter(name, target, **big), tok), cases)
     assert tau > 1.3, f"{name}: the shipped heads should be accepted (τ {tau:.2f})"
+
+
+def test_medusa_sizes_its_tree_from_measured_costs(zoo, cases):
+    from osd.drafters.medusa import AUTO_SIZES
+
+    target, tok = zoo
+    drafter = build_drafter("medusa", target)  # nodes="auto", the registry's default
+    assert drafter.nodes in AUTO_SIZES and len(drafter.paths) == drafter.nodes
+    assert build_drafter("koala-medusa", target).nodes in AUTO_SIZES  # costs measured once
+    greedy_tau(SpeculativeDecoder(target, drafter, tok), cases[:10])  # = HF greedy
+    with pytest.raises(ValueError, match="nodes"):
+        build_drafter("medusa", target, nodes="many")
 
 
 def test_one_token_prompt_and_depth_caps(zoo):
@@ -70,7 +83,8 @@ def test_one_token_prompt_and_depth_caps(zoo):
 def test_sampling_through_head_trees_is_exact(zoo, name):
     """First two sampled tokens (T = 1, top-k 8) vs the target's exact joint, chi-square."""
     target, tok = zoo
-    assert chi2_first_two(target, tok, build_drafter(name, target)) > 1e-3
+    big = {"nodes": 32} if "medusa" in name else {}  # a wide tree, as in the greedy test
+    assert chi2_first_two(target, tok, build_drafter(name, target, **big)) > 1e-3
 
 
 # ---- training --------------------------------------------------------------------------------

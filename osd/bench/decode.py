@@ -16,6 +16,7 @@ Per method it reports (DESIGN §7):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -92,7 +93,12 @@ def _drafter_methods(name: str, k: int) -> list[Method]:
                 options=(*NGRAM_TREE, ("history", NGRAM_HISTORY)),
             ),
         ]
-    if "k" not in drafter_spec(name).options():  # head drafters: their own tree, row = name
+    spec = drafter_spec(name)
+    if "k" not in spec.options():  # head drafters: their own tree, row = name
+        nodes = inspect.signature(spec.build).parameters.get("nodes")
+        if nodes is not None and nodes.default == "auto":  # Medusa's: the 32-node tree too
+            fixed = Method(f"{name} 32 nodes", "ours", name, options=(("nodes", 32),))
+            return [Method(name, "ours", name), fixed]
         return [Method(name, "ours", name)]
     return [Method(f"ours {name} k={k}", "ours", name, k=k)]
 

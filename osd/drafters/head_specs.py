@@ -16,7 +16,9 @@ from osd.drafters.heads import heads_dir, load_heads
 
 
 def _medusa_builder(name: str):
-    def build(target=None, draft=None, heads: str | None = None, nodes: int = 32) -> Drafter:
+    def build(
+        target=None, draft=None, heads: str | None = None, nodes: int | str = "auto"
+    ) -> Drafter:
         from osd.drafters.medusa import MedusaDrafter
 
         if target is None:

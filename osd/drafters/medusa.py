@@ -6,7 +6,10 @@ proposes the token ``i`` positions after the root (``osd.drafters.heads``). The 
 head ``d`` under the path ``(r_1, …, r_{d-1})``), chosen once from the heads' measured
 top-k accuracies by Medusa's construction — grow the tree greedily by the node that adds
 the most expected accepted length, ``Π_d acc[d][r_d]``, up to ``nodes`` nodes
-(:func:`medusa_tree`).
+(:func:`medusa_tree`). ``nodes="auto"`` (the registry's default) sizes the tree for this
+machine: the count whose expected accepted length per millisecond of verification and
+drafting is highest (:func:`choose_nodes`), with the target's verification costs measured
+once per process.
 
 Every candidate is a head's top-k token, a point mass (``draft_probs=None``): greedy is
 exact, and sampling at T > 0 is exact by the point-mass rule of :mod:`osd.specdec.accept`.
@@ -18,6 +21,9 @@ Batched: one head forward and one LM-head projection for all sequences of a step
 from __future__ import annotations
 
 import heapq
+import logging
+import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -28,17 +34,34 @@ from osd.specdec.packed import linear_module
 from osd.specdec.tree import TokenTree
 
 Path_ = tuple[int, ...]
+log = logging.getLogger(__name__)
+# target -> {(threads): {tokens: ms}}: verification costs measured once per process
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def medusa_tree(accuracy: Sequence[Sequence[float]], nodes: int) -> list[Path_]:
-    """The ``nodes`` rank paths of largest ``Π_d accuracy[d][r_d]``, parents first.
+def _verify_ms(target) -> dict[int, float]:
+    """c_verify(n + 1) of ``target`` at batch 1 for every ``n`` of :data:`AUTO_SIZES` (and
+    one token), ms (:func:`osd.bench.costs.verify_costs`, 3 timed calls each)."""
+    from osd.bench.costs import verify_costs
+
+    per = _COSTS.setdefault(target, {})
+    key = torch.get_num_threads()
+    if key not in per:
+        ns = sorted({1, *(n + 1 for n in AUTO_SIZES)})
+        per[key] = verify_costs(target, context=128, ns=ns, reps=3, warmup=1)["ms"]
+    return per[key]
+
+
+def best_first(accuracy: Sequence[Sequence[float]], nodes: int) -> list[tuple[float, Path_]]:
+    """Up to ``nodes`` (value, rank path) pairs in decreasing value, the value of a path
+    being ``Π_d accuracy[d][r_d]``: the probability that all of it is accepted.
 
     Greedy best-first growth: a node's value never exceeds its parent's (accuracies ≤ 1)
-    nor its elder sibling's (accuracies sorted by rank), so the best ``nodes`` paths form
-    a tree.
+    nor its elder sibling's (accuracies sorted by rank), so every prefix of the list is a
+    tree, and ``1 + Σ values`` of a prefix is its expected accepted length plus the bonus.
 
-    >>> medusa_tree([[0.6, 0.2], [0.4, 0.1]], 4)
-    [(0,), (1,), (0, 0), (1, 0)]
+    >>> [(round(v, 2), p) for v, p in best_first([[0.6, 0.2], [0.4, 0.1]], 4)]
+    [(0.6, (0,)), (0.24, (0, 0)), (0.2, (1,)), (0.08, (1, 0))]
     """
     acc = [sorted((float(a) for a in row), reverse=True) for row in accuracy]
     if not acc or nodes <= 0:
@@ -54,7 +77,42 @@ def medusa_tree(accuracy: Sequence[Sequence[float]], nodes: int) -> list[Path_]:
             heapq.heappush(heap, (neg / max(acc[d - 1][r], 1e-12) * acc[d - 1][r + 1], sib))
         if d < len(acc):  # first child
             heapq.heappush(heap, (neg * acc[d][0], (*path, 0)))
-    return sorted((p for _, p in chosen), key=lambda p: (len(p), p))
+    return chosen
+
+
+def medusa_tree(accuracy: Sequence[Sequence[float]], nodes: int) -> list[Path_]:
+    """The ``nodes`` rank paths of largest ``Π_d accuracy[d][r_d]``, parents first.
+
+    >>> medusa_tree([[0.6, 0.2], [0.4, 0.1]], 4)
+    [(0,), (1,), (0, 0), (1, 0)]
+    """
+    return sorted((p for _, p in best_first(accuracy, nodes)), key=lambda p: (len(p), p))
+
+
+AUTO_SIZES = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # node counts ``nodes="auto"`` weighs
+
+
+def choose_nodes(values: Sequence[float], verify_ms: dict[int, float], draft_ms: float) -> int:
+    """The node count ``n`` (a key of ``verify_ms`` less one) of most expected tokens per
+    millisecond, ``(1 + Σ_{j<n} values[j]) / (verify_ms[n + 1] + draft_ms)``: the tree
+    size that this machine's verification costs pay for (Medusa-2 sizes its tree for its
+    hardware the same way). ``values``: :func:`best_first`'s, in its order.
+
+    >>> vals = [0.6, 0.3, 0.2, 0.1, 0.05, 0.05, 0.02, 0.02]
+    >>> choose_nodes(vals, {3: 1.2, 5: 1.5, 9: 3.0}, 0.1)  # 1.9/1.3, 2.2/1.6, 2.34/3.1
+    2
+    >>> choose_nodes(vals, {3: 1.0, 5: 1.0, 9: 1.05}, 0.1)  # flat costs: the biggest tree
+    8
+    """
+    best, best_rate = 0, 0.0
+    for tokens, ms in sorted(verify_ms.items()):
+        n = min(tokens - 1, len(values))
+        if n <= 0:
+            continue
+        rate = (1.0 + sum(values[:n])) / (ms + draft_ms)
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best
 
 
 class MedusaDrafter(Drafter):
@@ -62,7 +120,12 @@ class MedusaDrafter(Drafter):
     needs_hidden_states = True
 
     def __init__(
-        self, target, heads: MedusaHeads, config: HeadConfig, nodes: int = 32, topk: int = 8
+        self,
+        target,
+        heads: MedusaHeads,
+        config: HeadConfig,
+        nodes: int | str = 32,
+        topk: int = 8,
     ) -> None:
         super().__init__()
         self.target = target
@@ -72,13 +135,44 @@ class MedusaDrafter(Drafter):
         acc = config.accuracy or [
             [0.5**d / (r + 1) for r in range(topk)] for d in range(1, heads.num_heads + 1)
         ]
-        self.paths = medusa_tree([row[:topk] for row in acc[: heads.num_heads]], nodes)
+        acc = [row[:topk] for row in acc[: heads.num_heads]]
+        if nodes == "auto":  # the size this machine's verification pays for
+            nodes = self._auto_nodes(acc)
+        elif isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 0:
+            raise ValueError(f"nodes must be an int >= 0 or 'auto', got {nodes!r}")
+        self.nodes = nodes
+        self.paths = medusa_tree(acc, nodes)
         index = {p: i for i, p in enumerate(self.paths)}
         self.parents = [index.get(p[:-1], -1) for p in self.paths]
         self.depth = [len(p) for p in self.paths]
         self.rank = torch.tensor([p[-1] for p in self.paths], dtype=torch.long)
         self.head_of = torch.tensor([len(p) - 1 for p in self.paths], dtype=torch.long)
         self.topk = 1 + max((p[-1] for p in self.paths), default=0)
+
+    def _auto_nodes(self, acc: list[list[float]]) -> int:
+        """:func:`choose_nodes` over :data:`AUTO_SIZES`, with the target's verification
+        costs measured here (once per process per target and thread count) and the heads'
+        own forward timed."""
+        values = [v for v, _ in best_first(acc, max(AUTO_SIZES))]
+        costs = _verify_ms(self.target)
+        h = torch.zeros(1, self.target.config.hidden_size, dtype=self.lm_head.weight.dtype)
+        h = h.to(self.lm_head.weight.device)
+        with torch.inference_mode():
+            times = []
+            for _ in range(6):
+                start = time.perf_counter()
+                linear_module(self.lm_head, self.heads(h)).topk(8, dim=-1)
+                times.append(1e3 * (time.perf_counter() - start))
+        draft_ms = sorted(times[1:])[2]
+        n = choose_nodes(values, costs, draft_ms) or min(AUTO_SIZES)
+        log.info(
+            "medusa: %d nodes (expected tau %.2f; verify %s ms; heads %.2f ms)",
+            n,
+            1 + sum(values[:n]),
+            {k: round(v, 2) for k, v in costs.items()},
+            draft_ms,
+        )
+        return n
 
     @property
     def k(self) -> int:
