@@ -682,3 +682,12 @@ def test_tree_batch_topologies_are_remembered_and_safe_from_the_callers_tensor()
     assert (
         TreeBatch.of(torch.tensor([[-1, 0, 1], [-1, 0, -2]]), 2, torch.device("cpu")) is not first
     )
+
+
+def test_max_indices_is_argmax_on_ties_and_nan():
+    """The engine's greedy acceptance reads ``max(-1).indices`` (faster on a CPU) for HF's
+    ``argmax``: both must pick the first maximum, ties and NaN included."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 3, (64, 4096), generator=gen).float()  # ties everywhere
+    rows[::7, 5] = float("nan")
+    assert torch.equal(rows.max(-1).indices, rows.argmax(-1))
