@@ -133,8 +133,9 @@ def _topology(pr: list[int], n: int) -> tuple:
         raise ValueError("padding nodes (parent ≤ -2) must come after the real nodes")
     _check_vector("parents", torch.tensor(pr[:size], dtype=torch.long), size)
     depth, leaf, last = [0] * n, [True] * n, [False] * n
-    earlier = torch.zeros(n, n, dtype=torch.bool)
-    anc = torch.zeros(n, n, dtype=torch.bool)
+    # host lists, one tensor each at the end: an element write per node costs µs in torch
+    earlier = [[False] * n for _ in range(n)]
+    anc = [[False] * n for _ in range(n)]
     kids = _children(pr[:size])
     for j in range(size):
         p = pr[j]
@@ -143,11 +144,12 @@ def _topology(pr: list[int], n: int) -> tuple:
         sib = kids[p + 1]
         last[j] = sib[-1] == j
         for i in sib[: sib.index(j)]:
-            earlier[j, i] = True
-        anc[j, j] = True
+            earlier[j][i] = True
         if p >= 0:
-            anc[j] |= anc[p]
-    return size, depth, leaf, last, earlier, anc, not kids[0]
+            anc[j] = list(anc[p])
+        anc[j][j] = True
+    as_bool = lambda rows: torch.tensor(rows, dtype=torch.bool).reshape(n, n)  # noqa: E731
+    return size, depth, leaf, last, as_bool(earlier), as_bool(anc), not kids[0]
 
 
 @dataclass(frozen=True)
