@@ -68,7 +68,11 @@ def apart(fn: Callable[..., T], *args, **kwargs) -> T:
 
 def side() -> None:
     """Run this thread's torch work on one intra-op thread: a thread beside the compute
-    thread (a poller, a sink, a trainer in the serving process) starts no OpenMP team."""
+    thread (a poller, a sink, a trainer in the serving process) starts no OpenMP team.
+
+    PyTorch also takes the count as the default of threads started afterwards (and the
+    caller's own stays as it was), so a compute thread sets its count itself
+    (:func:`compute`; the serving loop does, with its creator's count)."""
     torch.set_num_threads(1)
 
 
