@@ -99,6 +99,16 @@ def build_decoder(cfg: ClusterConfig, device: str | torch.device = "cpu") -> Spe
     return SpeculativeDecoder(target, drafter, load_tokenizer(cfg.target), controller=controller)
 
 
+def _build(cfg: ClusterConfig, device) -> tuple[SpeculativeDecoder, dict]:
+    """The engine and the specs of the drafter's weights (``None``) and of each versioned
+    part's (by name)."""
+    decoder = build_decoder(cfg, device)
+    specs = {None: spec_of(decoder.drafter.state_dict())}
+    for name, part in decoder.drafter.parts().items():
+        specs[name] = spec_of(part.module.state_dict())
+    return decoder, specs
+
+
 @serve.deployment(name="OSDServer", health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(api)
 class OSDServer:
@@ -128,11 +138,12 @@ class OSDServer:
         self.cfg = cfg
         device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.started = int(time.time())
-        # built apart: the serving loop's thread is the process's one OpenMP team (threads.py)
-        decoder = threads.apart(build_decoder, cfg, device)
+        # built apart, with the weights' specs (copies of the weights): the serving loop's
+        # thread is then the process's one OpenMP team (osd/specdec/threads.py)
+        decoder, specs = threads.apart(_build, cfg, device)
         self.tokenizer = decoder.tokenizer
         self.drafter_options = cfg.serve.drafter_config(cfg.drafter, cfg.k)
-        self.reference = spec_of(decoder.drafter.state_dict())
+        self.reference = specs[None]
         self.context = decoder.context
         self.vocab = int(decoder.target.config.vocab_size)
         self.metrics = ReplicaMetrics(cfg.model_name, cfg.drafter_id)
@@ -173,9 +184,7 @@ class OSDServer:
                 decoder.drafter.stop.learn = False  # it serves the registry's versions only
             for name, part in decoder.drafter.parts().items():
                 self.part_followers[name] = VersionFollower(
-                    self.loop.part(name),
-                    spec_of(part.module.state_dict()),
-                    cfg.drafter_id + part.suffix,
+                    self.loop.part(name), specs[name], cfg.drafter_id + part.suffix
                 )
         log.info(
             "replica %s up on %s (context %d, drafter %s %s, max batch %d)",
