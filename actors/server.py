@@ -174,6 +174,7 @@ class OSDServer:
             on_swap=self._on_swap,
             max_batch=cfg.serve.max_batch,
         ).start()
+        threads.side()  # the loop's thread computes; torch work here must not start a team
         self._stop = threading.Event()
         self.follower = VersionFollower(self.loop, self.reference, cfg.drafter_id)
         # the drafter's versioned parts (decision model, per-adapter mixture) follow ids of

@@ -23,7 +23,10 @@ bounded spin, the compute thread's team alone             2.7     5.8    14.0
 So a process keeps **one** team: the thread that runs the engine (the serving loop, or the
 main thread of a one-thread program). Models are built in a short-lived thread
 (:func:`apart`: its team ends with it), and threads beside the compute thread run their
-torch work on one intra-op thread (:func:`side`: no team at all). ``osd/__init__.py``
+torch work on one intra-op thread (:func:`side`: no team at all). That includes the
+thread that started the serving loop: one parallel operation there afterwards (a KV
+cache of 2.4 M zeros, in a session script) gave it a team for good, and the loop's
+forwards went back to 7.3 / 12.2 / 20.7 ms. ``osd/__init__.py``
 sets the bounded spin (``GOMP_SPINCOUNT``; a worker spins at most ~0.2 ms, then sleeps,
 so an idle replica leaves the cores to a co-located trainer).
 """
