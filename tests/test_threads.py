@@ -47,7 +47,12 @@ def test_side_and_compute_set_only_the_calling_threads_count():
     assert torch.get_num_threads() == before  # per thread: the caller's is unchanged
 
 
-def test_the_serving_loop_thread_gets_its_creators_thread_count(micro_zoo):
+@pytest.mark.parametrize("made, after", [(1, 1), (2, 1)])
+def test_the_serving_loop_thread_keeps_its_creators_thread_count(micro_zoo, made, after):
+    """The loop's steps run on the count of the thread that made it, also when that
+    thread sets another afterwards: PyTorch (and the CPU attention kernel's library, at
+    its first parallel op in the loop's thread) would otherwise take the count last set
+    anywhere."""
     from osd.drafters.draft_model import DraftModelDrafter
     from osd.models import load_model, load_tokenizer
     from osd.serving import ServeRequest, ServingLoop
@@ -58,12 +63,6 @@ def test_the_serving_loop_thread_gets_its_creators_thread_count(micro_zoo):
     decoder = SpeculativeDecoder(
         target, DraftModelDrafter(draft, k=2), load_tokenizer(str(micro_zoo / "target"))
     )
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loop = ServingLoop(decoder, max_batch=2)  # made under one thread
-    finally:
-        torch.set_num_threads(before)
     seen, done = [], threading.Event()
     orig = decoder.step_batch
 
@@ -72,13 +71,21 @@ def test_the_serving_loop_thread_gets_its_creators_thread_count(micro_zoo):
         return orig(*a, **k)
 
     decoder.step_batch = step_batch
-    loop.start()
+    before = torch.get_num_threads()
+    torch.set_num_threads(made)
     try:
-        loop.submit(ServeRequest("r", [1, 2, 3], 3), lambda d: d.final and done.set())
-        assert done.wait(60)
+        loop = ServingLoop(decoder, max_batch=2).start()
+        torch.set_num_threads(after)
+        try:
+            for i in range(2):
+                done.clear()
+                loop.submit(ServeRequest(f"r{i}", [1, 2, 3], 6), lambda d: d.final and done.set())
+                assert done.wait(60)
+        finally:
+            loop.stop()
     finally:
-        loop.stop()
-    assert seen and set(seen) == {1}
+        torch.set_num_threads(before)
+    assert len(seen) >= 4 and set(seen) == {made}
 
 
 def test_importing_osd_sets_a_bounded_spin_and_keeps_the_users_choice():
@@ -89,3 +96,28 @@ def test_importing_osd_sets_a_bounded_spin_and_keeps_the_users_choice():
     env["GOMP_SPINCOUNT"] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "0"
+
+
+def test_a_compute_thread_keeps_its_count_when_another_thread_sets_one_later():
+    """PyTorch sets a thread's count at its first parallel op from the count last set
+    anywhere; compute() must not be undone by a side() that runs before that op."""
+    ready, go, seen = threading.Event(), threading.Event(), []
+
+    def loop() -> None:
+        threads.compute(2)
+        ready.set()
+        go.wait()
+        torch.ones(1 << 20).sum()  # the first parallel op of this thread
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    t = threading.Thread(target=loop)
+    t.start()
+    ready.wait()
+    try:
+        threads.side()  # another thread (the main one) drops to one afterwards
+    finally:
+        go.set()
+        t.join()
+        torch.set_num_threads(before)
+    assert seen == [2]

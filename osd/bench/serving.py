@@ -216,8 +216,6 @@ def run_serving_bench(
         decoder.eos = set()
     prompts = _load_prompts(cfg, tok, data_dir)
     loop = ServingLoop(decoder, max_batch=cfg.max_batch or max(cfg.concurrency)).start()
-    caller = torch.get_num_threads()
-    threads.side()  # this thread only waits now: a parallel op here would start a 2nd team
     try:
         warm = min(loop.max_batch, len(prompts))  # first-call allocations, batched shapes
         _serve_level(loop, prompts[:warm], warm, WARMUP_TOKENS, cfg.timeout_s)
@@ -238,7 +236,6 @@ def run_serving_bench(
                 )
     finally:
         loop.stop()
-        torch.set_num_threads(caller)
     levels = [_pooled(c, runs[c]) for c in cfg.concurrency]
     base = next((lv for lv in levels if lv["concurrency"] == 1), None)
     ref = {r.request_id.split("-", 1)[1]: r.token_ids for r in runs[1][0][0]} if base else {}

@@ -69,6 +69,18 @@ def apart(fn: Callable[..., T], *args, **kwargs) -> T:
     return out[0]
 
 
+def _set(n: int) -> None:
+    """``torch.set_num_threads(n)`` for this thread. PyTorch initialises a thread's count
+    lazily, at its first parallel operation, from the count *last set in any thread*; and
+    each library built against it (a C++ extension: ``osd.kernels.cpu_attention``) does
+    so again at its own first parallel operation in the thread. So a thread that set 2
+    ran on 1 after another thread set 1 (the serving loop did: 208 instead of 289 tok/s
+    at concurrency 1). Reading the count first settles libtorch's own initialisation; the
+    serving loop calls :func:`compute` again before every step for the others (≈ 0.1 µs)."""
+    torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+
+
 def side() -> None:
     """Run this thread's torch work on one intra-op thread: a thread beside the compute
     thread (a poller, a sink, a trainer in the serving process) starts no OpenMP team.
@@ -76,9 +88,9 @@ def side() -> None:
     PyTorch also takes the count as the default of threads started afterwards (and the
     caller's own stays as it was), so a compute thread sets its count itself
     (:func:`compute`; the serving loop does, with its creator's count)."""
-    torch.set_num_threads(1)
+    _set(1)
 
 
 def compute(threads: int) -> None:
     """Give this thread ``threads`` intra-op threads: call it first in the compute thread."""
-    torch.set_num_threads(max(1, int(threads)))
+    _set(threads)
