@@ -26,8 +26,8 @@ main thread of a one-thread program). Models are built in a short-lived thread
 torch work on one intra-op thread (:func:`side`: no team at all). That includes the
 thread that started the serving loop: one parallel operation there afterwards (a KV
 cache of 2.4 M zeros, in a session script) gave it a team for good, and the loop's
-forwards went back to 7.3 / 12.2 / 20.7 ms. ``osd/__init__.py``
-sets the bounded spin (``GOMP_SPINCOUNT``; a worker spins at most ~0.2 ms, then sleeps,
+forwards went back to 7.3 / 12.2 / 20.7 ms (the serving bench leaves that thread idle;
+the replica calls :func:`side` there). ``osd/__init__.py`` sets the bounded spin (``GOMP_SPINCOUNT``; a worker spins at most ~0.2 ms, then sleeps,
 so an idle replica leaves the cores to a co-located trainer).
 """
 
@@ -85,9 +85,9 @@ def side() -> None:
     """Run this thread's torch work on one intra-op thread: a thread beside the compute
     thread (a poller, a sink, a trainer in the serving process) starts no OpenMP team.
 
-    PyTorch also takes the count as the default of threads started afterwards (and the
-    caller's own stays as it was), so a compute thread sets its count itself
-    (:func:`compute`; the serving loop does, with its creator's count)."""
+    PyTorch also takes the count as the one other threads initialise to (:func:`_set`),
+    so a compute thread sets its own (:func:`compute`; the serving loop does before every
+    step, with its creator's count)."""
     _set(1)
 
 
