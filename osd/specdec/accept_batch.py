@@ -148,8 +148,9 @@ def _topology(pr: list[int], n: int) -> tuple:
         if p >= 0:
             anc[j] = list(anc[p])
         anc[j][j] = True
-    as_bool = lambda rows: torch.tensor(rows, dtype=torch.bool).reshape(n, n)  # noqa: E731
-    return size, depth, leaf, last, as_bool(earlier), as_bool(anc), not kids[0]
+    earlier_t = torch.tensor(earlier, dtype=torch.bool).reshape(n, n)  # n = 0: [0, 0]
+    anc_t = torch.tensor(anc, dtype=torch.bool).reshape(n, n)
+    return size, depth, leaf, last, earlier_t, anc_t, not kids[0]
 
 
 @dataclass(frozen=True)
