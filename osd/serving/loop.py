@@ -59,6 +59,7 @@ import torch
 from osd.distill.collect import RecordCollector
 from osd.distill.record import DistillRecord
 from osd.drafters.base import DecodeState
+from osd.serving.detok import IncrementalText
 from osd.specdec import threads
 from osd.specdec.engine import DecodeStats, SpeculativeDecoder
 from osd.specdec.sampling import SamplingParams
@@ -162,6 +163,7 @@ class _Seq:
     stats: DecodeStats = field(default_factory=DecodeStats)
     sent: str = ""  # text already delivered
     version_start: int = 0
+    text: IncrementalText | None = None  # its text as the tokens grow (a window a step)
 
 
 class ServingLoop:
@@ -401,9 +403,9 @@ class ServingLoop:
     def _after_step(self, seq: _Seq) -> None:
         state = seq.state
         try:
-            text = self.decoder.tokenizer.decode(
-                state.tokens[state.prompt_len :], skip_special_tokens=True
-            )
+            if seq.text is None:
+                seq.text = IncrementalText(self.decoder.tokenizer)
+            text = seq.text.update(state.tokens[state.prompt_len :])
             shown, stopped = visible_text(text, seq.request.stop)
         except Exception as err:
             self._retire(seq, discard=True)
