@@ -308,8 +308,10 @@ class ServingLoop:
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
-        threads.compute(self.threads)
         while True:
+            # each time round: a library's first parallel op in this thread may have reset
+            # its count to the one last set in another thread (osd/specdec/threads.py)
+            threads.compute(self.threads)
             with self._cond:
                 while not (self._inbox or self._active or self._offer or self._stopping):
                     self._cond.wait()
@@ -323,9 +325,6 @@ class ServingLoop:
             for seq in gone:
                 self._retire(seq, discard=True)
                 log.info("dropped %s: cancelled", seq.request.request_id)
-            # again each time: a library's first parallel op in this thread may have reset
-            # it to the count last set in another thread (osd/specdec/threads.py)
-            threads.compute(self.threads)
             self._adopt()  # between steps, never inside one
             self._admit([s for s in admit if s.request.request_id not in cancelled])
             if self._active:
