@@ -48,6 +48,12 @@ class DecodeState:
     released: bool = False  # the engine freed its caches (SpeculativeDecoder.release)
 
     @property
+    def cache_extent(self) -> int:
+        """Positions of its slot that hold K/V worth keeping (``KVCache.free`` copies these):
+        ``tokens[:-1]``, and one more."""
+        return len(self.tokens)
+
+    @property
     def new_tokens(self) -> int:
         return len(self.tokens) - self.prompt_len
 

@@ -61,6 +61,11 @@ class _DraftSeq:
     committed: int = 0  # len(state.tokens) when the last tree was drafted (root included)
     fed: int = 0  # tree nodes of that tree fed into the cache after them
 
+    @property
+    def cache_extent(self) -> int:
+        """Positions of its slot that hold K/V worth keeping (``KVCache.free`` copies these)."""
+        return max(self.cached, self.committed + self.fed)
+
 
 def parse_tree(spec: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """``"4,2,2"`` → ``(4, 2, 2)``, validated."""
