@@ -71,7 +71,9 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + F.silu(linear_module(self.linear, x))  # packed when drafting on a CPU
+        return x + F.silu(
+            linear_module(self.linear, x)
+        )  # the measured cheaper linear when drafting
 
 
 class MedusaHeads(nn.Module):
@@ -126,8 +128,8 @@ def eagle_layers(
     """The decoder layers over ``x``: without a cache, self-attention within ``x``
     (``L = T``, training); with one, the new K/V are written at ``write_at`` of each slot
     and attention reads the slot's first ``L`` positions (drafting). Outside autograd on
-    a CPU the linears run on oneDNN's packed weights (:mod:`osd.specdec.packed`: 1–8 rows
-    at about half MKL's time) and the norms as one fused op."""
+    a CPU the linears run on oneDNN's packed weights or MKL's, whichever this process
+    measured cheaper (:func:`osd.specdec.packed.preferred`), and the norms as one fused op."""
     b, t, _ = x.shape
     cos, sin = cos_sin
     mask = mask[:, None]
@@ -154,8 +156,8 @@ def eagle_layers(
 
 
 def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
-    """Llama's gated MLP through :func:`~osd.specdec.packed.linear_module` (oneDNN's packed
-    weights when drafting on a CPU; the modules themselves when training)."""
+    """Llama's gated MLP through :func:`~osd.specdec.packed.linear_module` (the measured
+    cheaper linear when drafting on a CPU; the modules themselves when training)."""
     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
     if gate is None or up is None or down is None or not hasattr(mlp, "act_fn"):
         return mlp(x)

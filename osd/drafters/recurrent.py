@@ -294,7 +294,7 @@ class RecurrentDrafter(Drafter):
         self.config = config
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
-        # drafting projects through oneDNN's packed copy of the LM head (osd.specdec.packed)
+        # drafting projects through the measured cheaper linear (osd.specdec.packed.preferred)
         self._project = functools.partial(linear_module, self.lm_head)
         self.shape = BeamShape(width, length)
         self.stochastic = stochastic

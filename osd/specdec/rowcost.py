@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from osd.specdec.packed import available, linear
+from osd.specdec.packed import available, linear, measured
 
 MAX_ROWS = 16
 
@@ -150,6 +150,7 @@ def row_padding(lm, max_rows: int = MAX_ROWS) -> RowPadding:
             use = [one] + [many] * (max_rows - 1)
             cost = [p if u else c for p, c, u in zip(packed, plain, use, strict=True)]
             _MEASURED[key] = RowPadding(cost, packed=use)
+            measured(use)  # the head drafters' linears follow it
         else:
             _MEASURED[key] = RowPadding(plain)
     return _MEASURED[key]
