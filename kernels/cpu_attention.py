@@ -18,8 +18,9 @@ fp32 CPU models (:meth:`osd.specdec.lean.LeanLM.forward`): plain decode at any b
 short verifications and draft steps; prefill, longer trees and chains, other devices and
 dtypes keep SDPA.
 
-Which: where both run, the lean forward uses the one measured faster on this machine
-(:func:`faster_here`, once per process; which wins depends on the CPU).
+Which: where both run, the lean forward uses the one measured faster in its own forwards
+(:class:`Choice`, per batch size bucket, once per process; which wins depends on the CPU
+and the batch).
 
 Build: compiled on first use (a lean forward's model load calls :func:`available`) with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja``; ≈ 35 s once, cached
@@ -40,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import platform
 import threading
@@ -150,59 +152,85 @@ def applies(q: torch.Tensor, tokens: int = 1) -> bool:
     )
 
 
-_FASTER: dict[tuple, bool] = {}  # (heads, kv_heads, head_dim, threads) -> measured here
+class Choice:
+    """Kernel or SDPA for one (attention shapes, thread count, batch bucket), decided from
+    the forwards themselves: the first :attr:`TRIALS` × 2 forwards that can use the kernel
+    alternate between the two and time their attention calls; then the one with the lower
+    median runs. ``kernel`` is ``None`` while trying.
 
+    Why in the forwards and not in a separate timing: which one wins depends on the CPU,
+    the batch and what the forward's other work leaves in the caches. On one 2-core machine
+    of this project the kernel took 0.6–0.7× SDPA's time at batch 32; on another it was
+    faster at batch 1 in a forward (0.19 vs 0.24 ms for 8 layers), level at 8 and slower
+    at 32 (5.9–6.0 vs 5.3–5.4 ms), although timed alone on hot data it won at every batch.
 
-def faster_here(
-    heads: int, kv_heads: int, head_dim: int, batch: int = 16, cached: int = 160
-) -> bool:
-    """Is the kernel faster than SDPA on this machine for one new token per sequence at
-    these attention shapes? Measured once per process per shapes and thread count
-    (≈ 20 ms: ``batch`` sequences over ``cached`` positions, interleaved rounds, medians).
-    ``OSD_CPU_ATTENTION=1`` skips the measurement (always the kernel); ``=0`` never.
-
-    Why measured: which one wins depends on the CPU. On one 2-core machine of this project
-    the kernel took 0.6–0.7× SDPA's time; on another, where SDPA already streams the cache
-    near memory speed, 1.05–1.2×.
+    >>> c = Choice()
+    >>> c.next(), c.trying()  # the kernel first, then they alternate
+    (True, True)
+    >>> for i in range(2 * Choice.TRIALS):
+    ...     c.record(c.next(), 1.0 if c.next() else 2.0)
+    >>> c.kernel, c.next(), c.trying()
+    (True, True, False)
     """
-    if not available():
-        return False
-    if os.environ.get("OSD_CPU_ATTENTION") == "1":
-        return True
-    key = (heads, kv_heads, head_dim, torch.get_num_threads())
-    if key not in _FASTER:
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(batch, 1, heads, head_dim, generator=gen)
-        k = torch.randn(batch, kv_heads, cached, head_dim, generator=gen)
-        v = torch.randn(batch, kv_heads, cached, head_dim, generator=gen)
-        mask = torch.ones(batch, 1, cached, dtype=torch.bool)
-        scale, gqa = head_dim**-0.5, kv_heads != heads
 
-        def kernel() -> None:
-            _module.attend(q, k, v, mask, scale)
+    TRIALS = 8
 
-        def sdpa() -> None:
-            F.scaled_dot_product_attention(
-                q.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa
+    def __init__(self, kernel: bool | None = None) -> None:
+        self.kernel = kernel
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+
+    def trying(self) -> bool:
+        return self.kernel is None
+
+    def next(self) -> bool:
+        """Run the kernel in this forward?"""
+        if self.kernel is not None:
+            return self.kernel
+        return len(self.times[True]) <= len(self.times[False])
+
+    def record(self, kernel: bool, seconds: float) -> None:
+        """A trial forward's attention time with the kernel (or SDPA)."""
+        if self.kernel is not None:
+            return
+        self.times[kernel].append(seconds)
+        if min(len(t) for t in self.times.values()) >= self.TRIALS:
+            med = {k: sorted(t)[len(t) // 2] for k, t in self.times.items()}
+            self.kernel = med[True] <= med[False]
+            log.info(
+                "CPU attention: kernel %.3f ms, SDPA %.3f ms a forward: %s",
+                1e3 * med[True],
+                1e3 * med[False],
+                "kernel" if self.kernel else "SDPA",
             )
 
-        times: dict[str, list[float]] = {"kernel": [], "sdpa": []}
-        with torch.inference_mode():
-            for _ in range(4):  # interleaved rounds, the first a warm-up
-                for name, fn in (("kernel", kernel), ("sdpa", sdpa)):
-                    start = time.perf_counter()
-                    for _ in range(8):
-                        fn()
-                    times[name].append(time.perf_counter() - start)
-        med = {n: sorted(ts[1:])[1] for n, ts in times.items()}
-        _FASTER[key] = med["kernel"] < med["sdpa"]
-        log.info(
-            "CPU attention: kernel %.3f ms, SDPA %.3f ms a call: %s",
-            1e3 * med["kernel"] / 8,
-            1e3 * med["sdpa"] / 8,
-            "kernel" if _FASTER[key] else "SDPA",
-        )
-    return _FASTER[key]
+
+BATCHES = (1, 4, 12, 32)  # batch buckets: a batch takes the choice of the nearest (log scale)
+_CHOICES: dict[tuple, Choice] = {}
+
+
+def _bucket(batch: int) -> int:
+    """The bucket nearest ``batch`` on a log scale (ties: the smaller).
+
+    >>> [_bucket(b) for b in (1, 2, 3, 8, 16, 20, 32, 256)]
+    [1, 1, 4, 12, 12, 32, 32, 32]
+    """
+    b = max(1, batch)
+    return min(BATCHES, key=lambda m: (abs(math.log(b / m)), m))
+
+
+def choice(heads: int, kv_heads: int, head_dim: int, batch: int) -> Choice:
+    """The :class:`Choice` for these attention shapes at about this batch size, one per
+    process per thread count. ``OSD_CPU_ATTENTION=1``: always the kernel, nothing timed;
+    the kernel unavailable (or ``=0``): always SDPA."""
+    if not available():
+        return Choice(kernel=False)
+    if os.environ.get("OSD_CPU_ATTENTION") == "1":
+        return Choice(kernel=True)
+    key = (heads, kv_heads, head_dim, torch.get_num_threads(), _bucket(batch))
+    made = _CHOICES.get(key)
+    if made is None:
+        made = _CHOICES[key] = Choice()
+    return made
 
 
 def attend(

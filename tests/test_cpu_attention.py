@@ -124,14 +124,51 @@ def test_a_build_lock_left_by_a_killed_process_is_cleared(monkeypatch, tmp_path)
 
 
 @needs_kernel
-def test_the_faster_of_kernel_and_sdpa_is_measured_once_unless_forced(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_FASTER", {})
-    monkeypatch.setenv("OSD_CPU_ATTENTION", "1")  # forced: nothing measured
-    assert cpu_attention.faster_here(4, 2, 8) is True and cpu_attention._FASTER == {}
+def test_kernel_or_sdpa_is_chosen_per_batch_bucket_from_timed_forwards(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_CHOICES", {})
+    monkeypatch.setenv("OSD_CPU_ATTENTION", "1")  # forced: the kernel, nothing kept or timed
+    forced = cpu_attention.choice(4, 2, 8, batch=3)
+    assert forced.next() and not forced.trying() and cpu_attention._CHOICES == {}
     monkeypatch.delenv("OSD_CPU_ATTENTION")
-    first = cpu_attention.faster_here(4, 2, 8, batch=2, cached=16)
-    assert isinstance(first, bool) and list(cpu_attention._FASTER) == [
-        (4, 2, 8, torch.get_num_threads())
+    one = cpu_attention.choice(4, 2, 8, batch=2)
+    assert one is cpu_attention.choice(4, 2, 8, batch=1)  # one bucket, one choice
+    assert one is not cpu_attention.choice(4, 2, 8, batch=30)
+    tried = []
+    while one.trying():  # SDPA timed faster: SDPA from then on
+        tried.append(one.next())
+        one.record(tried[-1], 2.0 if tried[-1] else 1.0)
+    assert tried == [True, False] * cpu_attention.Choice.TRIALS
+    assert one.kernel is False and not one.next()
+
+
+@needs_kernel
+def test_a_lean_forward_times_its_trials_and_then_keeps_the_choice(monkeypatch):
+    """Trial forwards alternate kernel and SDPA (the same logits either way), then the
+    choice holds and nothing more is timed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osd.specdec.lean import LeanLM, prefill
+
+    monkeypatch.setattr(cpu_attention, "_CHOICES", {})
+    monkeypatch.delenv("OSD_CPU_ATTENTION", raising=False)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    lm = LeanLM(LlamaForCausalLM(cfg).eval())
+    cache = lm.new_cache(slots=1)
+    cache.reserve(32)
+    cache.alloc()
+    prefill(lm, cache, [0], [[3, 9, 27, 17]])
+    slot, step, at = torch.zeros(1, dtype=torch.long), torch.tensor([[5]]), torch.tensor([[4]])
+    see = torch.ones(1, 1, 5, dtype=torch.bool)
+    outs = [
+        lm.forward(cache, slot, step, at, at, see)[0]
+        for _ in range(2 * cpu_attention.Choice.TRIALS + 2)
     ]
-    monkeypatch.setitem(cpu_attention._FASTER, (4, 2, 8, torch.get_num_threads()), not first)
-    assert cpu_attention.faster_here(4, 2, 8) is (not first)  # the stored answer, not re-measured
+    made = cpu_attention.choice(lm.heads, lm.kv_heads, lm.head_dim, 1)
+    assert not made.trying()
+    assert [len(t) for t in made.times.values()] == [cpu_attention.Choice.TRIALS] * 2
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)

@@ -38,6 +38,7 @@ reason at load time.
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -273,11 +274,14 @@ class LeanLM:
         dense = bool(torch.equal(slots, torch.arange(lo, lo + b, device=dev)))
         rows = slots[:, None]  # [b, 1]
         h = self.base.embed_tokens(ids)  # [b, T, H]
-        fused = (
-            kernel
-            and cpu_attention.applies(h, t)
-            and cpu_attention.faster_here(self.heads, self.kv_heads, self.head_dim)
+        pick = (
+            cpu_attention.choice(self.heads, self.kv_heads, self.head_dim, b)
+            if kernel and cpu_attention.applies(h, t)
+            else None
         )
+        fused = pick is not None and pick.next()
+        timed = pick is not None and pick.trying()  # a trial forward: time its attention
+        spent = 0.0
         pk = self.plan().use_packed(b * t)  # the cheaper linear at this many rows
         cos, sin = self.base.rotary_emb(h, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [b, T, 1, d]
@@ -303,6 +307,7 @@ class LeanLM:
                 ks, vs = kc[lo : lo + b, :, :length], vc[lo : lo + b, :, :length]
             else:
                 ks, vs = kc[slots, :, :length], vc[slots, :, :length]
+            start = time.perf_counter() if timed else 0.0
             if fused:  # [b, T, heads, d] in and out
                 o = cpu_attention.attend(q, ks, vs, mask3, hd**-0.5).view(b, t, -1)
             else:
@@ -310,8 +315,12 @@ class LeanLM:
                     q.transpose(1, 2), ks, vs, attn_mask=mask, enable_gqa=gqa
                 )
                 o = o.transpose(1, 2).reshape(b, t, -1)
+            if timed:
+                spent += time.perf_counter() - start
             h = h + linear_module(attn.o_proj, o, pk)
             h = h + self._mlp(i, norm_op(layer.post_attention_layernorm, h), pk)
+        if timed:
+            pick.record(fused, spent)
         h = norm_op(self.base.norm, h)
         out = h if hidden else None
         if not logits:
