@@ -175,8 +175,9 @@ class Choice:
 
     TRIALS = 8
 
-    def __init__(self, kernel: bool | None = None) -> None:
+    def __init__(self, kernel: bool | None = None, label: str = "") -> None:
         self.kernel = kernel
+        self.label = label
         self.times: dict[bool, list[float]] = {True: [], False: []}
 
     def trying(self) -> bool:
@@ -197,7 +198,8 @@ class Choice:
             med = {k: sorted(t)[len(t) // 2] for k, t in self.times.items()}
             self.kernel = med[True] <= med[False]
             log.info(
-                "CPU attention: kernel %.3f ms, SDPA %.3f ms a forward: %s",
+                "CPU attention (%s): kernel %.3f ms, SDPA %.3f ms a forward: %s",
+                self.label,
                 1e3 * med[True],
                 1e3 * med[False],
                 "kernel" if self.kernel else "SDPA",
@@ -229,7 +231,8 @@ def choice(heads: int, kv_heads: int, head_dim: int, batch: int) -> Choice:
     key = (heads, kv_heads, head_dim, torch.get_num_threads(), _bucket(batch))
     made = _CHOICES.get(key)
     if made is None:
-        made = _CHOICES[key] = Choice()
+        label = f"{heads} heads over {kv_heads} of {head_dim}, batch ~{key[-1]}"
+        made = _CHOICES[key] = Choice(label=label)
     return made
 
 
