@@ -71,9 +71,8 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + F.silu(
-            linear_module(self.linear, x)
-        )  # the measured cheaper linear when drafting
+        # linear_module: the linear measured cheaper here, when drafting on a CPU
+        return x + F.silu(linear_module(self.linear, x))
 
 
 class MedusaHeads(nn.Module):
