@@ -99,3 +99,19 @@ def test_serving_rounds_interleave_the_levels_and_pool_them(data_dir):
 def test_serving_takes_one_drafter():
     r = runner.invoke(app, ["bench", "--serving", "--drafters", "draft_model,ngram"])
     assert r.exit_code != 0 and "one drafter" in r.output
+
+
+def test_verify_costs_time_every_token_count_from_one_forward_each_round():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osd.bench.costs import verify_costs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    out = verify_costs(LlamaForCausalLM(cfg).eval(), context=16, ns=[1, 3, 5], reps=3)
+    assert sorted(out["ms"]) == [1, 3, 5] and all(v > 0 for v in out["ms"].values())
+    assert out["c1_ms"] == out["ms"][1] and out["ratio"][1] == 1.0

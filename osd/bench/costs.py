@@ -4,7 +4,8 @@ Speculative decoding pays one target forward over ``n`` tokens (root + drafts) p
 the speedup it allows is τ · c(1) / (c_verify(n) + c_draft). On a GPU c_verify(n) ≈ c(1)
 for small n (memory-bound); on a CPU it grows with n. :func:`verify_costs` measures it
 with the engine's own batch-1 forward (``osd.specdec.lean``) after a ``context``-token
-prefix: the median of ``reps`` timed calls per n, each writing at the same positions.
+prefix: the median of ``reps`` timed calls per n, each writing at the same positions, the
+n interleaved round by round (so that drift in the machine's speed hits every n alike).
 """
 
 from __future__ import annotations
@@ -32,19 +33,21 @@ def verify_costs(
     pos = torch.arange(context)[None]
     col = torch.arange(context)
     lm.forward(cache, slots, ids[:, :context], pos, pos, (col[None, :] <= col[:, None])[None])
-    ms = {}
+    calls = {}
     for n in ns:
         at = context + torch.arange(n)[None]
-        length = context + n
-        c = torch.arange(length)
+        c = torch.arange(context + n)
         mask = (c[None, :] <= (context + torch.arange(n))[:, None])[None]  # causal chain
-        times = []
-        for r in range(warmup + reps):
+        calls[n] = (ids[:, context : context + n], at, mask)
+    times: dict[int, list[float]] = {n: [] for n in ns}
+    for r in range(warmup + reps):
+        for n in ns:
+            x, at, mask = calls[n]
             start = time.perf_counter()
-            lm.forward(cache, slots, ids[:, context : context + n], at, at, mask)
+            lm.forward(cache, slots, x, at, at, mask)
             if r >= warmup:
-                times.append(time.perf_counter() - start)
-        ms[n] = 1e3 * statistics.median(times)
+                times[n].append(time.perf_counter() - start)
+    ms = {n: 1e3 * statistics.median(times[n]) for n in ns}
     c1 = ms[min(ns)]
     return {
         "context": context,
